@@ -1,0 +1,168 @@
+"""Typed job configuration: dataclasses merged with YAML files and CLI dotlist overrides by omegaconf.
+
+Unknown keys and wrong types fail fast with the key named (omegaconf's ConfigKeyError /
+ValidationError); ``???`` values that are never set raise MissingMandatoryValue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ModelConfig:
+    #: registry name (glow, ...)
+    name: str = "glow"
+    #: constructor keyword arguments of the model family
+    params: dict[str, Any] = field(default_factory=dict)
+    #: checkpoint directory (model.pt + model.json); trained first when missing and train.if_missing
+    checkpoint: str = "checkpoints/glow_fmnist_small"
+
+
+@dataclass
+class ImageConfig:
+    #: how inputs of another size reach the model's size: resize (whole image, aspect not kept),
+    #: center_crop (crop/pad only), resize_center_crop (shorter side to size, then centre crop)
+    resize: str = "resize"
+    #: torchvision interpolation name for resizing
+    interpolation: str = "bilinear"
+
+
+@dataclass
+class TrainConfig:
+    #: training data; same URI forms as corpus.uri
+    uri: str = "torchvision://FashionMNIST?split=train"
+    limit: int | None = None
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 50.0
+    #: rows used for ActNorm's data-dependent init
+    init_rows: int = 512
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    #: Ray Train run name and storage; rerunning with the same pair resumes from the latest checkpoint
+    name: str = "glow_fmnist_small"
+    storage_path: str = "runs/ray_train"
+    max_failures: int = 0
+    #: train when model.checkpoint does not exist (score_corpus only)
+    if_missing: bool = True
+
+
+@dataclass
+class FitConfig:
+    """Held-out in-distribution data the per-layer log-Gaussians are fitted on."""
+
+    uri: str = "torchvision://FashionMNIST?split=test"
+    start: int = 0
+    size: int | None = 5000
+    #: squared norms are clipped to this floor before the log (guards log(0) for dead layers)
+    min_sqnorm: float = 1e-30
+    #: layers whose log-norm std on the fit set is below this are dropped (and counted)
+    min_std: float = 1e-12
+
+
+@dataclass
+class ExtractConfig:
+    #: rows per forward/backward pass (a multiple of group_size)
+    batch_size: int = 64
+    #: B>1: features of the gradient of the summed log-likelihood of B consecutive rows
+    group_size: int = 1
+    #: loop | vmap | engine
+    method: str = "vmap"
+    #: rows per shard: the unit of parallelism, of output files and of retries
+    shard_size: int = 512
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    #: torch intra-op threads per worker (0: leave torch's default)
+    torch_threads: int = 1
+
+
+@dataclass
+class CorpusConfig:
+    #: "demo" (build the demo corpus under OUTPUT/demo_corpus), a folder of images, a Parquet file or
+    #: folder, or torchvision://Name?split=..; local paths or pyarrow filesystem URIs (s3://, gs://)
+    uri: str = "demo"
+    #: Parquet image column (auto-detected when null)
+    image_column: str | None = None
+    limit: int | None = None
+    #: rows per demo source when uri=demo
+    demo_rows_per_source: int = 500
+
+
+@dataclass
+class OutputConfig:
+    uri: str = "runs/score_corpus"
+    #: detector.json location (default OUTPUT/detector.json); an existing one is reused when its
+    #: model fingerprint, group size and fit settings match
+    detector_uri: str | None = None
+
+
+@dataclass
+class RayConfig:
+    #: CPUs of the embedded local Ray (ignored when attaching to a cluster via RAY_ADDRESS)
+    num_cpus: int | None = None
+
+
+@dataclass
+class ScoreCorpusConfig:
+    seed: int = 0
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class TrainJobConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+T = TypeVar("T")
+
+
+def load_config(schema: type[T], yaml_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> T:
+    """schema defaults <- each YAML file in order <- CLI dotlist overrides; returns a plain dataclass.
+
+    A YAML may name extra files under a top-level ``defaults: [model/glow]`` list (relative to conf/),
+    merged before the file itself; ``model=NAME`` on the command line merges ``conf/model/NAME.yaml``.
+    """
+    merged = OmegaConf.structured(schema)
+    cli = list(overrides)
+    model_shortcut = [o for o in cli if o.startswith("model=")]
+    cli = [o for o in cli if not o.startswith("model=")]
+    for path in yaml_files:
+        data = OmegaConf.load(path)
+        for default in data.pop("defaults", []) or []:
+            merged = OmegaConf.merge(merged, OmegaConf.load(CONF_DIR / f"{default}.yaml"))
+        merged = OmegaConf.merge(merged, data)
+    for item in model_shortcut:
+        name = item.split("=", 1)[1]
+        path = CONF_DIR / "model" / f"{name}.yaml"
+        if not path.is_file():
+            raise ValueError(f"model={name}: no config {path}")
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(cli))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,70 @@
+"""The contract every gradood model meets; the trainer, feature extractors and pipeline rely only on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradood.seeding import NoiseSpec
+
+
+class DensityModel(nn.Module):
+    """A generative model with a differentiable (proxy) log-likelihood per input.
+
+    Inputs ``x`` are float tensors ``[B, C, H, W]`` holding integer pixel values in ``[0, 255]``
+    (the decoded uint8 image, cast). Every random draw the model needs (dequantisation, diffusion
+    noise, VAE eps) comes in through ``noise``, shaped per :meth:`noise_spec`, so callers derive it from
+    (seed, row id) and every code path sees the same numbers.
+
+    ``log_prob`` of row i must depend only on ``x[i]`` and ``noise[*][i]``: no batch statistics
+    (BatchNorm in eval mode only, ActNorm initialised before extraction). Per-sample gradient methods
+    rely on this.
+    """
+
+    #: registry name, used in configs and checkpoints
+    name: str = ""
+    #: (C, H, W) the model expects
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+
+    @property
+    def image_mode(self) -> str:
+        """PIL mode inputs are converted to: "L" for one channel, "RGB" for three."""
+        return {1: "L", 3: "RGB"}[self.input_shape[0]]
+
+    def noise_spec(self) -> dict[str, NoiseSpec]:
+        """Per-row noise inputs of :meth:`log_prob` and :meth:`training_loss`; empty when deterministic."""
+        return {}
+
+    def log_prob(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-likelihood (or proxy) of each row in nats, shape ``[B]``."""
+        raise NotImplementedError
+
+    def training_loss(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar loss to minimise; by default mean negative log-likelihood in bits per dimension."""
+        return -(self.log_prob(x, noise) / (self.num_dims * torch.log(torch.tensor(2.0)))).mean()
+
+    @property
+    def num_dims(self) -> int:
+        c, h, w = self.input_shape
+        return c * h * w
+
+    def bits_per_dim(self, log_prob: torch.Tensor) -> torch.Tensor:
+        """Discrete-data bits per dimension from ``log_prob`` in nats."""
+        return -log_prob / (self.num_dims * torch.log(torch.tensor(2.0, dtype=log_prob.dtype)))
+
+    def prepare_for_scoring(self) -> None:
+        """Put the model in the state feature extraction needs (eval mode; data-dependent inits done)."""
+        self.eval()
+
+    def init_from_data(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> None:  # noqa: B027
+        """Data-dependent initialisation (Glow's ActNorm) run once at the start of training."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Optional: ``n`` samples as float pixel values in [0, 255]."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
+
+    def hparams(self) -> dict[str, Any]:
+        """Constructor keyword arguments that rebuild this model (saved in checkpoints)."""
+        raise NotImplementedError

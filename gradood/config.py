@@ -23,7 +23,7 @@ class ModelConfig:
     #: constructor keyword arguments of the model family
     params: dict[str, Any] = field(default_factory=dict)
     #: checkpoint directory (model.pt + model.json); trained first when missing and train.if_missing
-    checkpoint: str = "checkpoints/glow_fmnist_small"
+    checkpoint: str = "gradood/pretrained/glow_fmnist_small"
 
 
 @dataclass
@@ -45,6 +45,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 50.0
+    #: optimiser steps of linear learning-rate warmup from lr/warmup_steps to lr
+    warmup_steps: int = 200
     #: rows used for ActNorm's data-dependent init
     init_rows: int = 512
     num_workers: int = 1
@@ -69,6 +71,8 @@ class FitConfig:
     min_sqnorm: float = 1e-30
     #: layers whose log-norm std on the fit set is below this are dropped (and counted)
     min_std: float = 1e-12
+    #: refit even when a detector with matching settings exists (it is reused otherwise)
+    refit: bool = False
 
 
 @dataclass

@@ -8,6 +8,7 @@ downstream (feature Parquet metadata, detector.json).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,31 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text())
 
 
-def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[DensityModel, dict]:
+def load_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[DensityModel, dict]:
     """Rebuild the model from metadata and load its weights; verifies the recorded fingerprint."""
     directory = Path(directory)
     if not checkpoint_exists(directory):
-        raise FileNotFoundError(f"no gradood checkpoint in {directory} (expected {WEIGHTS_FILE} and {META_FILE})")
-    meta = read_checkpoint_meta(directory)
-    state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(
+            f"no gradood checkpoint in {directory} (expected {WEIGHTS_FILE} and {META_FILE})"
+        )
+    return model_from_bytes(
+        (directory / WEIGHTS_FILE).read_bytes(), read_checkpoint_meta(directory), map_location
+    )
+
+
+def model_from_bytes(
+    weights: bytes, meta: dict[str, Any], map_location: str | torch.device = "cpu"
+) -> tuple[DensityModel, dict]:
+    """The model from serialized weights and metadata (how Ray workers on other nodes receive it)."""
+    state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     fp = fingerprint(state)
     if meta.get("fingerprint") not in (None, fp):
         raise ValueError(
-            f"checkpoint {directory} is corrupt: weights fingerprint {fp[:12]} != recorded {meta['fingerprint'][:12]}"
+            f"corrupt checkpoint: weights fingerprint {fp[:12]} != recorded {meta['fingerprint'][:12]}"
         )
     model = build_model(meta["model"], meta["params"])
     model.load_state_dict(state)
     model.prepare_for_scoring()
-    meta["fingerprint"] = fp
-    return model.to(map_location), meta
+    return model.to(map_location), {**meta, "fingerprint": fp}

@@ -1,0 +1,116 @@
+"""Output locations: local paths and pyarrow-filesystem URIs (s3://, gs://, file://) through one code path."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "file://", "abfs://", "abfss://")
+
+
+def is_uri(location: str) -> bool:
+    return location.startswith(_URI_SCHEMES)
+
+
+def absolute(location: str) -> str:
+    """Local paths become absolute (Ray workers may run elsewhere in the tree); URIs stay as they are."""
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([location.rstrip("/"), *parts])
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), absolute(location)
+
+
+def exists(location: str) -> bool:
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(location: str) -> None:
+    fs, path = filesystem(location)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_dir_contents(location: str) -> None:
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path)
+
+
+def list_files(location: str, suffix: str = ".parquet") -> list[str]:
+    """Files under a folder, sorted, as locations of the same kind (URI or local path)."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if is_uri(location):
+        scheme = location.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in found]
+    return found
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write via a temporary name and a move where there is one, so readers never see half a file."""
+    fs, path = filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    else:  # object stores write objects atomically
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode()
+
+
+def write_json(location: str, obj: Any) -> None:
+    write_text(location, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(location: str) -> Any:
+    return json.loads(read_text(location))
+
+
+def write_parquet(table: pa.Table, location: str) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def read_parquet(location: str, columns: list[str] | None = None) -> pa.Table:
+    """One file or a folder of Parquet files (sorted), concatenated."""
+    fs, path = filesystem(location)
+    files = [location] if fs.get_file_info(path).type == pafs.FileType.File else list_files(location)
+    tables = []
+    for f in files:
+        ffs, fpath = filesystem(f)
+        tables.append(pq.read_table(fpath, filesystem=ffs, columns=columns))
+    if not tables:
+        raise FileNotFoundError(f"no Parquet files under {location}")
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,78 @@
+"""Parquet layouts of gradood's outputs: plain columns plus a JSON ``gradood`` schema-metadata entry, so
+pandas, pyarrow or duckdb read them without gradood.
+
+features/  id, row_index, n_rows, [member_ids], log_prob, one float64 column ``sqnorm:<parameter name>``
+           per layer (squared gradient norm), metadata: layers, model fingerprint, group_size, seed, ...
+errors/    id, row_index, error
+scores/    id, rank, ood_score, typicality, log_prob, n_rows, top_layers, top_z, [member_ids]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SQNORM_PREFIX = "sqnorm:"
+METADATA_KEY = b"gradood"
+
+
+def sqnorm_column(layer: str) -> str:
+    return SQNORM_PREFIX + layer
+
+
+def feature_table(
+    ids: Sequence[str],
+    row_index: np.ndarray,
+    n_rows: np.ndarray,
+    log_prob: np.ndarray,
+    sqnorms: np.ndarray,
+    layer_names: Sequence[str],
+    metadata: dict[str, Any],
+    member_ids: Sequence[Sequence[str]] | None = None,
+) -> pa.Table:
+    if sqnorms.shape != (len(ids), len(layer_names)):
+        raise ValueError(f"sqnorms has shape {sqnorms.shape}, expected ({len(ids)}, {len(layer_names)})")
+    columns: dict[str, pa.Array] = {
+        "id": pa.array(list(ids), pa.string()),
+        "row_index": pa.array(np.asarray(row_index, np.int64)),
+        "n_rows": pa.array(np.asarray(n_rows, np.int32)),
+    }
+    if member_ids is not None:
+        columns["member_ids"] = pa.array([list(m) for m in member_ids], pa.list_(pa.string()))
+    columns["log_prob"] = pa.array(np.asarray(log_prob, np.float64))
+    for j, layer in enumerate(layer_names):
+        columns[sqnorm_column(layer)] = pa.array(np.ascontiguousarray(sqnorms[:, j], np.float64))
+    table = pa.table(columns)
+    meta = {**metadata, "layers": list(layer_names)}
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+
+
+def table_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("not a gradood feature table: no 'gradood' schema metadata")
+    return json.loads(raw)
+
+
+def sqnorm_matrix(columns: dict[str, np.ndarray] | pa.Table, layer_names: Sequence[str]) -> np.ndarray:
+    """[N, L] float64 squared norms from a table or a dict-of-arrays batch, in ``layer_names`` order."""
+    if isinstance(columns, pa.Table):
+        cols = [columns.column(sqnorm_column(n)).to_numpy() for n in layer_names]
+    else:
+        cols = [np.asarray(columns[sqnorm_column(n)]) for n in layer_names]
+    return np.stack(cols, axis=1).astype(np.float64) if cols else np.zeros((0, 0))
+
+
+def error_table(errors: Sequence[tuple[str, int, str]]) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array([e[0] for e in errors], pa.string()),
+            "row_index": pa.array([int(e[1]) for e in errors], pa.int64()),
+            "error": pa.array([e[2] for e in errors], pa.string()),
+        }
+    )

@@ -1,0 +1,87 @@
+"""`ray job submit -- python jobs/score_corpus.py` against a local head started with `ray start --head`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head node; token auth off on both sides (Ray 2.5x enables it for new local clusters)."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    ray = shutil.which("ray", path=env["PATH"])
+    port, dash = free_port(), free_port()
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=3",
+            "--include-dashboard=true",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        yield env, ray, f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_job(ray_head, tmp_path):
+    env, ray, address = ray_head
+    ckpt = tiny_glow_checkpoint(tmp_path / "ckpt")
+    corpus = write_png_folder(tmp_path / "corpus", n_id=6, n_ood=3)
+    out = tmp_path / "out"
+    cmd = [
+        ray,
+        "job",
+        "submit",
+        f"--address={address}",
+        f"--working-dir={REPO}",
+        "--",
+        "python",
+        "jobs/score_corpus.py",
+        f"model.checkpoint={ckpt}",
+        f"corpus.uri={corpus}",
+        f"output.uri={out}",
+        "fit.size=24",
+        "extract.shard_size=8",
+        "extract.batch_size=8",
+        "extract.num_workers=1",
+        "train.if_missing=false",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "scored 9 + rejected 1 = 10 inputs" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scored"] == 9 and summary["rejected"] == 1

@@ -1,0 +1,168 @@
+"""The whole score-corpus job on a local Ray, checked against the in-process reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from gradood.config import ScoreCorpusConfig, load_config
+from gradood.models.checkpoint import load_checkpoint
+from gradood.pipeline import ray_job, storage
+from gradood.pipeline.tables import SQNORM_PREFIX, table_metadata
+from tests.pipeline_fixtures import reference_scores, tiny_glow_checkpoint, write_png_folder
+
+pytestmark = pytest.mark.slow
+
+FIT_URI = "torchvision://FashionMNIST?split=test"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    return {
+        "checkpoint": tiny_glow_checkpoint(root / "ckpt"),
+        "corpus": write_png_folder(root / "corpus"),
+        "root": root,
+    }
+
+
+def job_config(ws, out: str, *extra: str) -> ScoreCorpusConfig:
+    return load_config(
+        ScoreCorpusConfig,
+        [],
+        [
+            f"model.checkpoint={ws['checkpoint']}",
+            f"corpus.uri={ws['corpus']}",
+            f"output.uri={out}",
+            f"fit.uri={FIT_URI}",
+            "fit.size=40",
+            "extract.batch_size=8",
+            "extract.shard_size=8",
+            "extract.num_workers=2",
+            "extract.method=vmap",
+            "train.if_missing=false",
+            *extra,
+        ],
+    )
+
+
+def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
+    out = tmp_path / "out"
+    summary = ray_job.run_score_corpus(job_config(workspace, str(out)))
+
+    # counts reconcile, the corrupt file is an error row, not a failure
+    assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1
+    errors = storage.read_parquet(str(out / "errors")).to_pylist()
+    assert [e["id"].endswith("zz-corrupt.png") for e in errors] == [True] and errors[0]["error"]
+
+    # features: readable with plain pyarrow, metadata names the layers and the model
+    features = pq.read_table(out / "features")
+    part = pq.read_table(sorted((out / "features").glob("*.parquet"))[0])
+    meta = table_metadata(part)
+    model, ckpt_meta = load_checkpoint(workspace["checkpoint"])
+    assert meta["model_fingerprint"] == ckpt_meta["fingerprint"] and meta["group_size"] == 1
+    assert [c[len(SQNORM_PREFIX) :] for c in features.column_names if c.startswith(SQNORM_PREFIX)] == meta[
+        "layers"
+    ]
+    assert features.num_rows == 18
+
+    detector = json.loads((out / "detector.json").read_text())
+    assert detector["model_fingerprint"] == ckpt_meta["fingerprint"] and detector["fit"]["n_rows"] == 40
+    assert (out / "run.yaml").read_text().startswith("seed: 0")
+
+    # scores equal the reference computed in-process with the per-sample loop
+    scores = storage.read_parquet(str(out / "scores")).to_pylist()
+    ref = reference_scores(model, FIT_URI, 40, str(workspace["corpus"]), seed=0)
+    assert sorted(r["id"] for r in scores) == sorted(ref)
+    for r in scores:
+        for key in ("ood_score", "typicality", "log_prob"):
+            assert r[key] == pytest.approx(ref[r["id"]][key], rel=1e-4, abs=1e-3), key
+        assert len(r["top_layers"]) == 3 and len(r["top_z"]) == 3
+    assert [r["rank"] for r in scores] == list(range(1, 19))
+    assert all(a["ood_score"] >= b["ood_score"] for a, b in zip(scores, scores[1:], strict=False))
+    assert summary["top10"] == [r["id"] for r in scores[:10]]
+
+    # a rerun reuses the detector; another shard layout gives the same scores
+    again = ray_job.run_score_corpus(
+        job_config(workspace, str(out), "extract.shard_size=5", "extract.batch_size=3")
+    )
+    rescored = {r["id"]: r["ood_score"] for r in storage.read_parquet(str(out / "scores")).to_pylist()}
+    assert again["scored"] == 18
+    for r in scores:
+        assert rescored[r["id"]] == pytest.approx(r["ood_score"], rel=1e-5)
+
+
+def test_group_features_and_detector_mismatch(local_ray, workspace, tmp_path):
+    out = tmp_path / "out"
+    summary = ray_job.run_score_corpus(
+        job_config(workspace, str(out), "extract.group_size=3", "extract.batch_size=6")
+    )
+    scores = storage.read_parquet(str(out / "scores"))
+    members = scores.column("member_ids").to_pylist()
+    assert sum(len(m) for m in members) == summary["scored"] == 18
+    assert max(len(m) for m in members) == 3
+
+    # the detector of a group_size=3 run is refused for group_size=1, and for another model
+    with pytest.raises(ValueError, match="group_size"):
+        ray_job.run_score_corpus(job_config(workspace, str(out)))
+    other = tiny_glow_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="fingerprint"):
+        ray_job.run_score_corpus(
+            job_config(
+                workspace,
+                str(out),
+                f"model.checkpoint={other}",
+                "extract.group_size=3",
+                "extract.batch_size=6",
+            )
+        )
+
+
+def test_reducer_death_falls_back_to_parquet(local_ray, workspace, tmp_path, monkeypatch):
+    """Killing the reducer mid-fit must give the same detector, recomputed from the Parquet shards."""
+    original_start, original_extract = ray_job.start_reducer, ray_job.run_extraction
+    handles = []
+
+    def start_and_remember(num_layers):
+        handles.append(original_start(num_layers))
+        return handles[-1]
+
+    def extract_and_kill(*args, on_shard=None, **kwargs):
+        def kill_after_first(summary):
+            on_shard(summary)
+            ray.kill(handles[-1])
+
+        return original_extract(*args, on_shard=kill_after_first if on_shard else None, **kwargs)
+
+    cfg = job_config(workspace, str(tmp_path / "healthy"))
+    healthy = json.loads(
+        json.dumps(ray_job.fit_detector(cfg, str(tmp_path / "healthy"), *_model_args(workspace)))
+    )
+    monkeypatch.setattr(ray_job, "start_reducer", start_and_remember)
+    monkeypatch.setattr(ray_job, "run_extraction", extract_and_kill)
+    recovered = ray_job.fit_detector(cfg, str(tmp_path / "killed"), *_model_args(workspace))
+    assert handles, "the reducer was not started through start_reducer"
+    a, b = healthy["log_gaussian"], recovered["log_gaussian"]
+    np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-9)
+    np.testing.assert_allclose(a["std"], b["std"], rtol=1e-9)
+    assert healthy["typicality"]["entropy"] == pytest.approx(recovered["typicality"]["entropy"], rel=1e-9)
+
+
+def _model_args(ws):
+    from gradood.features import feature_layer_names
+    from gradood.models.checkpoint import WEIGHTS_FILE
+
+    model, meta = load_checkpoint(ws["checkpoint"])
+    meta = {**json.loads((ws["checkpoint"] / "model.json").read_text()), "fingerprint": meta["fingerprint"]}
+    return (ws["checkpoint"] / WEIGHTS_FILE).read_bytes(), meta, feature_layer_names(model)

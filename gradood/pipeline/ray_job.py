@@ -183,8 +183,8 @@ def check_detector(detector: dict[str, Any], fingerprint: str, group_size: int, 
     if detector.get("model_fingerprint") != fingerprint:
         raise ValueError(
             f"detector {where} was fitted for model {str(detector.get('model_fingerprint'))[:12]}, "
-            f"but the model loaded now has fingerprint {fingerprint[:12]}: refit it (fit.refit=true) or point "
-            "output.detector_uri elsewhere"
+            f"but the model loaded now has fingerprint {fingerprint[:12]}: refit it (fit.refit=true) "
+            "or point output.detector_uri elsewhere"
         )
     if detector.get("group_size") != group_size:
         raise ValueError(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,14 +28,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_processes_under(marker: str) -> None:
+    """Stop only this head's processes (`ray stop` would also kill any other Ray on the machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and marker in _cmdline(p) and int(p.name) != os.getpid()
+        ]
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if pids:
+            time.sleep(2)
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """A real head node; token auth off on both sides (Ray 2.5x enables it for new local clusters)."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     ray = shutil.which("ray", path=env["PATH"])
     port, dash = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="gradood-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
     subprocess.run(
         [
             ray,
@@ -43,7 +71,7 @@ def ray_head(tmp_path):
             "--include-dashboard=true",
             f"--dashboard-port={dash}",
             "--dashboard-host=127.0.0.1",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={temp_dir}",
         ],
         env=env,
         check=True,
@@ -53,7 +81,8 @@ def ray_head(tmp_path):
     try:
         yield env, ray, f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_processes_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_job(ray_head, tmp_path):

@@ -119,25 +119,22 @@ class RayConfig:
 
 
 @dataclass
-class ScoreCorpusConfig:
-    seed: int = 0
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    image: ImageConfig = field(default_factory=ImageConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-
-@dataclass
 class TrainJobConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class ScoreCorpusConfig(TrainJobConfig):
+    """Everything training needs (the model is trained first when missing) plus the scoring job's own."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 
 T = TypeVar("T")

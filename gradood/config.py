@@ -82,7 +82,7 @@ class ExtractConfig:
     #: B>1: features of the gradient of the summed log-likelihood of B consecutive rows
     group_size: int = 1
     #: loop | vmap | engine
-    method: str = "vmap"
+    method: str = "engine"
     #: rows per shard: the unit of parallelism, of output files and of retries
     shard_size: int = 512
     num_workers: int = 2

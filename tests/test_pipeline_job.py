@@ -50,7 +50,7 @@ def job_config(ws, out: str, *extra: str) -> ScoreCorpusConfig:
             "extract.batch_size=8",
             "extract.shard_size=8",
             "extract.num_workers=2",
-            "extract.method=vmap",
+            "extract.method=engine",
             "train.if_missing=false",
             *extra,
         ],

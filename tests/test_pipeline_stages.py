@@ -51,7 +51,7 @@ def rows_with_gap(n: int = 11, missing: tuple[int, ...] = (4,)) -> LoadedRows:
 @pytest.mark.parametrize("group_size,batch_size", [(1, 4), (3, 6), (3, 3)])
 def test_compute_features_groups_by_global_index(model, group_size, batch_size):
     rows = rows_with_gap()
-    feats = compute_features(model, rows, group_size=group_size, batch_size=batch_size, seed=7, method="vmap")
+    feats = compute_features(model, rows, group_size=group_size, batch_size=batch_size, seed=7, method="engine")
     expected_groups = sorted({int(i) // group_size for i in rows.indices})
     assert len(feats.ids) == len(expected_groups)
     for g, members, lp, sq in zip(
@@ -74,7 +74,7 @@ def test_compute_features_groups_by_global_index(model, group_size, batch_size):
 
 def test_compute_features_rejects_bad_sizes(model):
     with pytest.raises(ValueError, match="group_size"):
-        compute_features(model, rows_with_gap(), group_size=4, batch_size=2, seed=0, method="vmap")
+        compute_features(model, rows_with_gap(), group_size=4, batch_size=2, seed=0, method="engine")
 
 
 def test_non_finite_groups_become_error_rows():
@@ -104,7 +104,7 @@ def test_shard_writer_contract(model_dir, tmp_path):
         group_size=1,
         batch_size=4,
         seed=0,
-        method="vmap",
+        method="engine",
         min_sqnorm=1e-30,
         image={"resize": "resize", "interpolation": "bilinear"},
     )

@@ -2,11 +2,11 @@
 
 ``extract_features`` is the one entry point; ``method`` picks the extractor:
 
+- ``engine`` (default): one batched forward + one backward with per-module rules
+  (:mod:`gradood.features.engine`), coverage-checked on a model's first batch;
 - ``loop``: one forward + backward per group, the reference (exact; also runs in float64 after
   ``model.double()``);
-- ``vmap``: whole-model ``torch.func.vmap(grad)`` over row chunks;
-- ``engine``: one batched forward + backward with per-module rules (:mod:`gradood.features.engine`),
-  coverage-checked on a model's first batch.
+- ``vmap``: whole-model ``torch.func.vmap(grad)`` over row chunks.
 
 The model must be in scoring state (``model.prepare_for_scoring()``). Gradients are switched on inside,
 so callers may hold ``torch.no_grad()``; under ``torch.inference_mode()`` inputs are cloned out of
@@ -38,7 +38,7 @@ def extract_features(
     x: torch.Tensor,
     noise: dict[str, torch.Tensor],
     groups: torch.Tensor | None = None,
-    method: str = "vmap",
+    method: str = "engine",
 ) -> FeatureResult:
     """Log-likelihood of every row of ``x`` and ``||grad_theta_j sum_{i in g} log p(x_i)||^2`` per group g.
 

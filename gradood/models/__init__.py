@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from gradood.models.base import DensityModel
 
+# name -> "module:class", imported on first use so a model family costs nothing until chosen
+MODELS: dict[str, type[DensityModel] | str] = {
+    "glow": "gradood.models.glow:Glow",
+    "ddpm": "gradood.models.ddpm:DDPM",
+    "vae": "gradood.models.vae:VAE",
+    "pixelcnn": "gradood.models.pixelcnn:PixelCNN",
+}
+
+
+def register_model(name: str, target: type[DensityModel] | str) -> None:
+    """Make a model family available to configs as ``model.name=NAME`` (a class or "module:Class").
+
+    Ray workers rebuild models by name, so register in a module they import too (or use a
+    "module:Class" string, which they import themselves).
+    """
+    MODELS[name] = target
+
 
 def _registry() -> dict[str, type[DensityModel]]:
-    from gradood.models.glow import Glow
-
-    return {"glow": Glow}
+    found = {}
+    for name, target in MODELS.items():
+        if not isinstance(target, str):
+            found[name] = target
+            continue
+        module, cls = target.split(":")
+        try:
+            found[name] = getattr(importlib.import_module(module), cls)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a broken import inside an existing model file must surface
+                raise
+    return found
 
 
 def model_names() -> list[str]:
@@ -29,4 +56,4 @@ def build_model(name: str, params: dict[str, Any] | None = None) -> DensityModel
         raise ValueError(f"bad parameters for model {name!r}: {err}") from err
 
 
-__all__ = ["DensityModel", "build_model", "model_names"]
+__all__ = ["DensityModel", "build_model", "model_names", "register_model"]

@@ -160,6 +160,7 @@ def load_config(schema: type[T], yaml_files: Sequence[str | Path] = (), override
         path = CONF_DIR / "model" / f"{name}.yaml"
         if not path.is_file():
             raise ValueError(f"model={name}: no config {path}")
+        merged.model.params = {}  # dicts merge key by key: another family's params must not leak in
         merged = OmegaConf.merge(merged, OmegaConf.load(path))
     merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(cli))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

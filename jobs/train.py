@@ -1,14 +1,16 @@
-"""Train the generative model with Ray Train: `python jobs/train.py [key=value ...]`.
+"""Train the generative model with Ray Train: `python jobs/train.py [--config FILE] [key=value ...]`.
 
-Settings: conf/train.yaml (model from conf/model/glow.yaml; `model=NAME` picks another), overridable as
-dotlist arguments, e.g. `train.epochs=10 train.num_workers=2`. Without RAY_ADDRESS it starts an
-embedded local Ray; under `ray job submit` it attaches to the cluster. Rerunning with the same
+Settings: conf/train.yaml (model from conf/model/glow.yaml; `model=NAME` picks another) or the YAML given
+with --config (conf/train_quality.yaml: the paper-size run), overridable as dotlist arguments, e.g.
+`train.epochs=10 train.num_workers=2`. Without RAY_ADDRESS it starts an embedded local Ray; under
+`ray job submit` it attaches to the cluster. Rerunning with the same
 train.name and train.storage_path resumes from the last finished epoch. Prints the exported checkpoint
 directory, its fingerprint and the final bits/dim.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,25 +24,25 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from gradood.config import CONF_DIR, TrainJobConfig, load_config, to_yaml  # noqa: E402
 
 
-def init_ray(cfg: TrainJobConfig) -> None:
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    wanted = cfg.train.num_workers * cfg.train.cpus_per_worker  # else the workers would never be scheduled
-    ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, wanted), include_dashboard=False)
-
-
 def main(argv: list[str]) -> int:
-    cfg = load_config(TrainJobConfig, [CONF_DIR / "train.yaml"], argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(CONF_DIR / "train.yaml"), help="YAML with the settings")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(TrainJobConfig, [args.config], overrides)
     print(to_yaml(cfg), flush=True)
-    init_ray(cfg)
+    from gradood.pipeline.ray_job import init_ray
     from gradood.train import train_model
+
+    # embedded Ray gets at least the CPUs the workers ask for, else they would never be scheduled
+    init_ray(cfg.ray.num_cpus, min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
 
     result = train_model(cfg)
     print(f"checkpoint: {result.checkpoint_dir}")
     print(f"fingerprint: {result.fingerprint}")
+    for h in result.metrics["run"]["history"]:
+        print(f"epoch {h['epoch']}: train {h['train_bpd']:.4f} bits/dim, {h['rows_per_s']:.0f} rows/s")
     print(f"epochs: {result.metrics['epoch']}, final train bits/dim: {result.metrics['train_bpd']:.4f}")
     return 0
 

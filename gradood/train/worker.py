@@ -1,0 +1,160 @@
+"""The Ray Train worker function: one copy runs per training worker (rank), under Ray Train V2.
+
+Every epoch ends in ``ray.train.report`` (a barrier across ranks) with a checkpoint directory written by
+rank 0: ``model.pt`` + ``model.json`` (a regular gradood checkpoint) and ``train_state.pt`` (optimiser
+state, epoch, step, history), all loadable with ``torch.load(weights_only=True)``. A run restarted after
+a failure, or rerun with the same Ray Train name and storage path, continues from the latest one via
+``ray.train.get_checkpoint()``; the data-dependent init is then not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import gradood
+from gradood.config import TrainJobConfig
+from gradood.models import DensityModel, build_model
+from gradood.models.checkpoint import WEIGHTS_FILE, save_checkpoint
+from gradood.train.loop import EpochRunner, EpochStats, TrainRows, init_from_data, load_train_rows
+
+STATE_FILE = "train_state.pt"
+#: Ray Train V2 forwards worker log records to the driver console; print() there comes out twice
+logger = logging.getLogger(__name__)
+
+
+class TrainingLoss(nn.Module):
+    """``model.training_loss`` as a forward pass, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: DensityModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.training_loss(x, noise)
+
+
+def config_from_dict(config: dict[str, Any]) -> TrainJobConfig:
+    """The typed config back from the plain dict Ray ships to workers (validated again on the way)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainJobConfig), config))
+
+
+def write_checkpoint(
+    directory: str,
+    model: DensityModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    history: list[dict[str, float]],
+    cfg: TrainJobConfig,
+    rows: TrainRows,
+) -> None:
+    last = history[-1]
+    training = {
+        "config": dataclasses.asdict(cfg),
+        "epochs_done": int(last["epoch"]),
+        "train_bpd": last["train_bpd"],
+        "history": history,
+        "data": rows.origin,
+    }
+    save_checkpoint(model, directory, extra={"gradood_version": gradood.__version__, "training": training})
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "epoch": int(last["epoch"]),
+        "step": step,
+        "history": history,
+    }
+    torch.save(state, Path(directory) / STATE_FILE)
+
+
+def read_checkpoint(checkpoint: ray.train.Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, train state) of a checkpoint written by :func:`write_checkpoint`."""
+    with checkpoint.as_directory() as directory:
+        weights = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    return weights, state
+
+
+def epoch_metrics(stats: EpochStats, start_epoch: int) -> dict[str, float]:
+    return {
+        "epoch": stats.epoch,
+        "train_bpd": stats.train_bpd,
+        "rows_per_s": stats.rows_per_s,
+        "epoch_seconds": stats.seconds,
+        "rows": stats.rows,
+        "steps": stats.steps,
+        "start_epoch": start_epoch,
+    }
+
+
+def initial_state(model: DensityModel, rows: TrainRows, cfg: TrainJobConfig) -> dict[str, Any]:
+    """Resume from the run's latest checkpoint when there is one (the data init already happened and is
+    in the weights); otherwise run the data-dependent init on a fresh model."""
+    resume = ray.train.get_checkpoint()
+    if resume is None:
+        init_from_data(model, rows, cfg)
+        return {"epoch": 0, "step": 0, "history": [], "optimizer": None}
+    weights, state = read_checkpoint(resume)
+    model.load_state_dict(weights)
+    return state
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Train from scratch or from the latest checkpoint up to ``train.epochs``; rank 0's return value
+    (epochs run in this call, whether the data init ran) reaches the driver as ``Result.return_value``."""
+    cfg = config_from_dict(config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if cfg.train.batch_size % world_size:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} workers")
+
+    def log(message: str) -> None:
+        logger.log(logging.INFO if rank == 0 else logging.DEBUG, f"[gradood.train] {message}")
+
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # parameter init draws from the global generator: same model on every rank
+    model = build_model(cfg.model.name, cfg.model.params)
+    rows = load_train_rows(cfg, model)
+    state = initial_state(model, rows, cfg)
+    start_epoch, step, history = state["epoch"] + 1, state["step"], list(state["history"])
+
+    loss_module = ray.train.torch.prepare_model(TrainingLoss(model))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    device = ray.train.torch.get_device()
+    runner = EpochRunner(model, loss_module, optimizer, cfg, cfg.train.batch_size // world_size, device, log)
+
+    plan = (
+        f"epochs {start_epoch}..{cfg.train.epochs}" if start_epoch <= cfg.train.epochs else "nothing to train"
+    )
+    log(
+        f"{cfg.model.name}: {sum(p.numel() for p in model.parameters())} parameters, {len(rows)} rows "
+        f"({rows.origin['skipped']} skipped) over {world_size} worker(s) on {device}; "
+        f"{f'resuming after epoch {start_epoch - 1}, ' if start_epoch > 1 else ''}{plan}"
+    )
+    shard = rows.shard(rank, world_size)
+    epochs_run = []
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        stats, step = runner.run(shard, epoch, step)
+        history.append({"epoch": epoch, "train_bpd": stats.train_bpd, "rows_per_s": stats.rows_per_s})
+        log(
+            f"epoch {epoch}/{cfg.train.epochs}: {stats.train_bpd:.4f} bits/dim, "
+            f"{stats.rows_per_s:.1f} rows/s, {stats.seconds:.0f} s"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                write_checkpoint(tmp, model, optimizer, step, history, cfg, rows)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(epoch_metrics(stats, start_epoch), checkpoint=checkpoint)
+        epochs_run.append(epoch)
+    return {"epochs_run": epochs_run, "initialized_from_data": start_epoch == 1, "history": history}

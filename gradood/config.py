@@ -77,7 +77,7 @@ class FitConfig:
 
 @dataclass
 class ExtractConfig:
-    #: rows per forward/backward pass (a multiple of group_size)
+    #: at most this many rows per forward/backward pass; groups are never split across passes
     batch_size: int = 64
     #: B>1: features of the gradient of the summed log-likelihood of B consecutive rows
     group_size: int = 1

@@ -166,3 +166,24 @@ def _model_args(ws):
     model, meta = load_checkpoint(ws["checkpoint"])
     meta = {**json.loads((ws["checkpoint"] / "model.json").read_text()), "fingerprint": meta["fingerprint"]}
     return (ws["checkpoint"] / WEIGHTS_FILE).read_bytes(), meta, feature_layer_names(model)
+
+
+def test_demo_corpus_run_reports_auroc_per_source(local_ray, workspace, tmp_path):
+    summary = ray_job.run_score_corpus(
+        job_config(
+            workspace,
+            str(tmp_path / "out"),
+            "corpus.uri=demo",
+            "corpus.demo_rows_per_source=10",
+            "extract.group_size=5",
+            "extract.batch_size=10",
+        )
+    )
+    assert summary["inputs"] == 42 and summary["rejected"] == 2  # 4 sources x 10 + 2 corrupt files
+    demo = summary["demo"]
+    assert set(demo["sources"]) == {"digits", "fashion_mnist_inverted", "uniform_noise"}
+    # sets of 5 consecutive rows: 2 corrupt files shift the folders, so 3 boundary sets mix two sources
+    assert demo["mixed_sets_left_out"] == 3
+    for row in demo["sources"].values():
+        for score in ("ood_score", "typicality"):
+            assert 0.0 <= row[score]["auroc"] <= 1.0 and row[score]["n_id"] == 1

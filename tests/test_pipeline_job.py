@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -109,6 +110,9 @@ def test_group_features_and_detector_mismatch(local_ray, workspace, tmp_path):
         job_config(workspace, str(out), "extract.group_size=3", "extract.batch_size=6")
     )
     scores = storage.read_parquet(str(out / "scores"))
+    # plain Arrow lists, not Ray's pickled-object extension: readable without Ray (and without pickle)
+    assert scores.schema.field("member_ids").type == pa.list_(pa.string())
+    assert scores.schema.field("top_layers").type == pa.list_(pa.string())
     members = scores.column("member_ids").to_pylist()
     assert sum(len(m) for m in members) == summary["scored"] == 18
     assert max(len(m) for m in members) == 3

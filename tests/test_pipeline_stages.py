@@ -51,7 +51,9 @@ def rows_with_gap(n: int = 11, missing: tuple[int, ...] = (4,)) -> LoadedRows:
 @pytest.mark.parametrize("group_size,batch_size", [(1, 4), (3, 6), (3, 3)])
 def test_compute_features_groups_by_global_index(model, group_size, batch_size):
     rows = rows_with_gap()
-    feats = compute_features(model, rows, group_size=group_size, batch_size=batch_size, seed=7, method="engine")
+    feats = compute_features(
+        model, rows, group_size=group_size, batch_size=batch_size, seed=7, method="engine"
+    )
     expected_groups = sorted({int(i) // group_size for i in rows.indices})
     assert len(feats.ids) == len(expected_groups)
     for g, members, lp, sq in zip(

@@ -242,9 +242,17 @@ class Scorer:
             "log_prob": log_prob,
             "n_rows": np.asarray(batch["n_rows"]),
             "row_index": np.asarray(batch["row_index"]),
-            "top_layers": np.array([list(n) for n in names] + [None], dtype=object)[:-1],
-            "top_z": np.array([list(map(float, r)) for r in z] + [None], dtype=object)[:-1],
+            "top_layers": list_column([list(n) for n in names]),
+            "top_z": list_column([list(map(float, r)) for r in z]),
         }
         if "member_ids" in batch:
-            out["member_ids"] = np.asarray(batch["member_ids"])
+            out["member_ids"] = list_column([[str(m) for m in ms] for ms in batch["member_ids"]])
         return out
+
+
+def list_column(rows: list[list]) -> np.ndarray:
+    """A 1-D object array of Python lists, which Ray Data turns into an Arrow list column (numpy would
+    build a 2-D array from equal-length rows, and arrays of arrays end up as pickled objects)."""
+    out = np.empty(len(rows), dtype=object)
+    out[:] = rows
+    return out

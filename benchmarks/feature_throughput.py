@@ -34,8 +34,26 @@ from gradood.seeding import draw_noise
 #: the paper's architectures; CPU runs scale the depth down (same widths, hence the same per-layer costs)
 PAPER_CONFIGS: dict[str, dict[str, Any]] = {
     "glow": dict(in_channels=3, image_size=32, num_levels=3, num_steps=32, hidden_channels=512),
+    # conf/model/vae.yaml's paper-size setting (32x32 colour, 64 hidden channels, latent 32)
+    "vae": dict(in_channels=3, image_size=32, hidden_channels=64, latent_dim=32),
+    # the reference code's FashionMNIST PixelCNN: 8 causal 7x7 convs of 64 channels
+    "pixelcnn": dict(channels=64, num_layers=7, kernel_size=7, first_kernel_size=7, head_channels=64),
+    # conf/model/ddpm.yaml's paper-size setting (the reference's lucidrains U-Net on 32x32 colour)
+    "ddpm": dict(
+        in_channels=3,
+        image_size=32,
+        dim=32,
+        dim_mults=[1, 2, 4, 8],
+        num_res_blocks=2,
+        attn_dim_head=32,
+        linear_attn_levels=[0, 1, 2, 3],
+    ),
 }
-CPU_PAPER_OVERRIDES: dict[str, dict[str, Any]] = {"glow": dict(num_steps=4)}
+CPU_PAPER_OVERRIDES: dict[str, dict[str, Any]] = {
+    "glow": dict(num_steps=4),
+    "pixelcnn": dict(num_layers=2),
+    "ddpm": dict(num_res_blocks=1),
+}
 
 METHODS = ("plain", "engine", "vmap", "loop")
 

@@ -88,6 +88,18 @@ def test_coverage_check_names_a_parameter_the_hooks_miss():
     assert "body.1.bias" not in str(err.value)
 
 
+def test_coverage_check_accepts_gradients_that_are_zero_in_exact_arithmetic():
+    """A conv bias feeding a GroupNorm with one channel per group has zero gradient: float noise on both
+    sides of the check must not be mistaken for a parameter the hooks miss."""
+    body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(4, 4), nn.Conv2d(4, 2, 1))
+    model = ZooDensity(body, (2, 5, 5))
+    model.prepare_for_scoring()
+    x, noise = batch(model, 6)
+    res = extract_features(model, x, noise, method="engine")
+    bias = res.layer_names.index("body.0.bias")
+    assert res.sqnorms[:, bias].max() < 1e-10 * res.sqnorms.max()
+
+
 class _OddWithRule(Odd):
     """Odd, with a closed-form rule registered below (a model author's custom rule)."""
 

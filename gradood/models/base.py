@@ -10,6 +10,13 @@ from torch import nn
 from gradood.seeding import NoiseSpec
 
 
+def require_positive_ints(model: str, **values: Any) -> None:
+    """Constructor arguments that must be positive integers; a clear error names the first bad one."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{model}: {key} must be a positive integer, got {value!r}")
+
+
 class DensityModel(nn.Module):
     """A generative model with a differentiable (proxy) log-likelihood per input.
 
@@ -66,5 +73,8 @@ class DensityModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
 
     def hparams(self) -> dict[str, Any]:
-        """Constructor keyword arguments that rebuild this model (saved in checkpoints)."""
-        raise NotImplementedError
+        """Constructor keyword arguments that rebuild this model (saved in checkpoints); by default the
+        ``_hparams`` dict a family's constructor records."""
+        if not hasattr(self, "_hparams"):
+            raise NotImplementedError(f"{type(self).__name__} records no _hparams: override hparams()")
+        return {k: list(v) if isinstance(v, list | tuple) else v for k, v in self._hparams.items()}

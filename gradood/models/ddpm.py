@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradood.models.base import DensityModel
+from gradood.models.base import DensityModel, require_positive_ints
 from gradood.seeding import NoiseSpec
 
 Tensor = torch.Tensor
@@ -233,9 +233,7 @@ def _check_hparams(hp: dict[str, Any]) -> None:
         "in_channels", "image_size", "dim", "num_res_blocks", "groups", "attn_heads", "attn_dim_head",
         "timesteps", "n_q_samples",
     )  # fmt: skip
-    for key in positive:
-        if not isinstance(hp[key], int) or isinstance(hp[key], bool) or hp[key] < 1:
-            raise ValueError(f"DDPM: {key} must be a positive integer, got {hp[key]!r}")
+    require_positive_ints("DDPM", **{key: hp[key] for key in positive})
     mults = hp["dim_mults"]
     if not mults or not all(isinstance(m, int) and m >= 1 for m in mults):
         raise ValueError(f"DDPM: dim_mults must be a non-empty list of positive integers, got {mults!r}")
@@ -318,9 +316,6 @@ class DDPM(DensityModel):
         betas = make_betas(beta_schedule, timesteps, beta_start, beta_end)
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, dim=0), persistent=False)
-
-    def hparams(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, list) else v for k, v in self._hparams.items()}
 
     def noise_spec(self) -> dict[str, NoiseSpec]:
         return {

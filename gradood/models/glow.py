@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradood.models.base import DensityModel
+from gradood.models.base import DensityModel, require_positive_ints
 from gradood.seeding import NoiseSpec
 
 Tensor = torch.Tensor
@@ -230,16 +229,14 @@ class LearnedPrior(nn.Module):
 def _check_hparams(
     in_channels: int, image_size: int, num_levels: int, num_steps: int, hidden_channels: int, n_bits: int
 ) -> None:
-    positive = dict(
+    require_positive_ints(
+        "Glow",
         in_channels=in_channels,
         image_size=image_size,
         num_levels=num_levels,
         num_steps=num_steps,
         hidden_channels=hidden_channels,
     )
-    for key, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"Glow: {key} must be a positive integer, got {value!r}")
     if not isinstance(n_bits, int) or not 1 <= n_bits <= 8:
         raise ValueError(f"Glow: n_bits must be an integer in [1, 8], got {n_bits!r}")
     if image_size % 2**num_levels:
@@ -286,9 +283,6 @@ class Glow(DensityModel):
         self.splits = nn.ModuleList(splits)
         top_size = image_size // 2**num_levels
         self.top_prior = LearnedPrior((channels, top_size, top_size))
-
-    def hparams(self) -> dict[str, Any]:
-        return dict(self._hparams)
 
     def noise_spec(self) -> dict[str, NoiseSpec]:
         return {"dequant": NoiseSpec(self.input_shape, "uniform")}

@@ -20,13 +20,11 @@ So logits(i, j) depend on exactly the raster-order prefix x_<ij within the recep
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradood.models.base import DensityModel
+from gradood.models.base import DensityModel, require_positive_ints
 from gradood.seeding import NoiseSpec
 
 Tensor = torch.Tensor
@@ -85,9 +83,7 @@ class GatedLayer(nn.Module):
 
 
 def _check_hparams(**hparams: int) -> None:
-    for key, value in hparams.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"PixelCNN: {key} must be a positive integer, got {value!r}")
+    require_positive_ints("PixelCNN", **hparams)
     for key in ("kernel_size", "first_kernel_size"):
         if hparams[key] < 3 or hparams[key] % 2 == 0:
             raise ValueError(f"PixelCNN: {key} must be odd and >= 3, got {hparams[key]}")
@@ -127,9 +123,6 @@ class PixelCNN(DensityModel):
             nn.ReLU(),
             nn.Conv2d(head_channels, in_channels * LEVELS, 1),
         )
-
-    def hparams(self) -> dict[str, Any]:
-        return dict(self._hparams)
 
     def noise_spec(self) -> dict[str, NoiseSpec]:
         return {}  # a discrete model of discrete data: no dequantisation

@@ -16,13 +16,11 @@ transposed convs back to 28x28 -> conv 3x3 to a per-pixel logistic mean and log-
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradood.models.base import DensityModel
+from gradood.models.base import DensityModel, require_positive_ints
 from gradood.seeding import NoiseSpec
 
 Tensor = torch.Tensor
@@ -118,9 +116,7 @@ class Decoder(nn.Module):
 
 
 def _check_hparams(**values: int) -> None:
-    for key, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"VAE: {key} must be a positive integer, got {value!r}")
+    require_positive_ints("VAE", **values)
     if values["image_size"] % 4:
         raise ValueError(
             f"VAE: image_size {values['image_size']} must be divisible by 4 (two stride-2 stages)"
@@ -160,9 +156,6 @@ class VAE(DensityModel):
         sizes = (in_channels, image_size, hidden_channels, latent_dim, norm_groups)
         self.encoder = Encoder(*sizes)
         self.decoder = Decoder(*sizes)
-
-    def hparams(self) -> dict[str, Any]:
-        return dict(self._hparams)
 
     @property
     def dtype(self) -> torch.dtype:

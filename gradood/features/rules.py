@@ -278,15 +278,23 @@ def conv_transpose_rule(call: ModuleCall) -> dict[str, Contribution]:
     return out
 
 
+def _affine_norm_grads(
+    m: nn.GroupNorm | nn.LayerNorm, g: Tensor, x_hat: Tensor, per_param: Callable[[Tensor], Tensor]
+) -> dict[str, Contribution]:
+    """y = x_hat * weight + bias: per sample, weight gets sum(g * x_hat), bias sum(g), over the positions
+    ``per_param`` reduces to the parameter's shape."""
+    out: dict[str, Contribution] = {"weight": per_param(g * x_hat)}
+    if m.bias is not None:
+        out["bias"] = per_param(g)
+    return out
+
+
 @register_rule(nn.GroupNorm)
 def group_norm_rule(call: ModuleCall) -> dict[str, Contribution]:
     m: nn.GroupNorm = call.module  # type: ignore[assignment]
     x, g = call.args[0], call.grad()
     x_hat = F.group_norm(x, m.num_groups, eps=m.eps)
-    out: dict[str, Contribution] = {"weight": (g * x_hat).flatten(2).sum(-1)}
-    if m.bias is not None:
-        out["bias"] = g.flatten(2).sum(-1)
-    return out
+    return _affine_norm_grads(m, g, x_hat, lambda t: t.flatten(2).sum(-1))
 
 
 @register_rule(nn.LayerNorm)
@@ -295,10 +303,7 @@ def layer_norm_rule(call: ModuleCall) -> dict[str, Contribution]:
     x, g = call.args[0], call.grad()
     x_hat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
     shape = (x.shape[0], -1, *m.normalized_shape)
-    out: dict[str, Contribution] = {"weight": (g * x_hat).reshape(shape).sum(1)}
-    if m.bias is not None:
-        out["bias"] = g.reshape(shape).sum(1)
-    return out
+    return _affine_norm_grads(m, g, x_hat, lambda t: t.reshape(shape).sum(1))
 
 
 def replay_rule(call: ModuleCall, chunk_size: int = 64) -> dict[str, Contribution]:

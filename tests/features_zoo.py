@@ -189,13 +189,19 @@ def batch(model: DensityModel, n: int, seed: int = 0) -> tuple[torch.Tensor, dic
     return x, noise
 
 
-def perturbed(model: DensityModel, scale: float = 0.02, seed: int = 0) -> DensityModel:
-    """Every parameter moved off its init (zero biases, unit norms, zero-init convs would make some
-    gradients degenerate), then put in scoring state."""
+def move_parameters(model: nn.Module, scale: float, seed: int = 0) -> nn.Module:
+    """Every parameter moved off its init by scale * N(0, 1) noise from its own generator: zero biases,
+    unit norms and zero-init convs would make some gradients or flow steps degenerate."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def perturbed(model: DensityModel, scale: float = 0.02, seed: int = 0) -> DensityModel:
+    """Parameters moved (:func:`move_parameters`), then the model put in scoring state."""
+    move_parameters(model, scale, seed)
     model.prepare_for_scoring()
     return model
 

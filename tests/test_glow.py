@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from features_zoo import move_parameters
 from scipy.stats import norm
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -17,15 +18,6 @@ from gradood.models.glow import ActNorm, Glow, InvConv2dLU, LearnedPrior, ZeroCo
 from gradood.seeding import draw_noise
 
 TINY = dict(in_channels=1, image_size=4, num_levels=2, num_steps=2, hidden_channels=8)
-
-
-def perturbed(model: Glow, scale: float = 0.1, seed: int = 0) -> Glow:
-    """Moves every parameter, the zero-initialised ones included, so no part of the flow is trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
 
 
 def pixels(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -43,7 +35,7 @@ def initialised(model: Glow, n: int = 16) -> Glow:
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_reverse_inverts_forward_flow(dtype, tol):
-    model = perturbed(initialised(Glow(hidden_channels=16)), scale=0.05).to(dtype)
+    model = move_parameters(initialised(Glow(hidden_channels=16)), scale=0.05).to(dtype)
     x_c = torch.rand(4, 1, 28, 28, dtype=dtype) - 0.5
     with torch.no_grad():
         zs, logdet, _ = model.forward_flow(x_c)
@@ -71,7 +63,7 @@ def flat_latents(model: Glow, shape: tuple[int, ...]):
     ],
 )
 def test_logdet_matches_brute_force_jacobian(config):
-    model = perturbed(Glow(**config), scale=0.3).double()
+    model = move_parameters(Glow(**config), scale=0.3).double()
     x_c = torch.rand(3, *model.input_shape, dtype=torch.float64) - 0.5
     with torch.no_grad():
         _, logdet, _ = model.forward_flow(x_c)
@@ -100,7 +92,7 @@ def prior_params(model: Glow, x: torch.Tensor, noise: dict[str, torch.Tensor]):
 
 @pytest.mark.parametrize("n_bits", [8, 5])
 def test_log_prob_is_change_of_variables(n_bits):
-    model = perturbed(Glow(**TINY, n_bits=n_bits), scale=0.3).double()
+    model = move_parameters(Glow(**TINY, n_bits=n_bits), scale=0.3).double()
     x, noise = pixels(3, model.input_shape), noise_for(model, 3)
     log_prob, split_priors = prior_params(model, x, noise)
 
@@ -122,7 +114,7 @@ def test_log_prob_is_change_of_variables(n_bits):
 
 
 def test_log_prob_rows_are_independent():
-    model = perturbed(initialised(Glow(**dict(TINY, image_size=8))), scale=0.2).double()
+    model = move_parameters(initialised(Glow(**dict(TINY, image_size=8))), scale=0.2).double()
     x, noise = pixels(5, model.input_shape), noise_for(model, 5)
     with torch.no_grad():
         batch = model.log_prob(x, noise)
@@ -149,7 +141,7 @@ class LogProbCall(nn.Module):
 
 
 def test_vmapped_per_row_gradients_match_autograd():
-    model = perturbed(initialised(Glow(**dict(TINY, image_size=8))), scale=0.2).double()
+    model = move_parameters(initialised(Glow(**dict(TINY, image_size=8))), scale=0.2).double()
     model.prepare_for_scoring()
     x, u = pixels(3, model.input_shape), noise_for(model, 3)["dequant"]
     call = LogProbCall(model)
@@ -211,7 +203,7 @@ def test_actnorm_data_dependent_init():
 
 
 def test_actnorm_init_state_travels_with_the_state_dict(tmp_path):
-    model = perturbed(initialised(Glow(**TINY)))
+    model = move_parameters(initialised(Glow(**TINY)), scale=0.1)
     state = model.state_dict()
     assert state["levels.0.steps.0.actnorm.initialized"].item() is True
     fresh = Glow(**model.hparams())
@@ -230,7 +222,7 @@ def test_actnorm_init_state_travels_with_the_state_dict(tmp_path):
 
 @pytest.mark.parametrize("n_bits", [8, 5])
 def test_sampling(n_bits):
-    model = perturbed(initialised(Glow(**dict(TINY, image_size=8, n_bits=n_bits))), scale=0.1)
+    model = move_parameters(initialised(Glow(**dict(TINY, image_size=8, n_bits=n_bits))), scale=0.1)
     draws = [model.sample(6, generator=torch.Generator().manual_seed(seed)) for seed in (3, 3, 4)]
     sample = draws[0]
     assert sample.shape == (6, 1, 8, 8)
@@ -275,7 +267,7 @@ def test_invalid_hparams_raise(bad):
 
 
 def test_dequantisation_uses_the_given_noise_and_mutates_nothing():
-    model = perturbed(Glow(**TINY), scale=0.2)
+    model = move_parameters(Glow(**TINY), scale=0.2)
     x, noise = pixels(4, model.input_shape), noise_for(model, 4)
     x_before, u_before = x.clone(), noise["dequant"].clone()
     with torch.no_grad():
@@ -290,7 +282,7 @@ def test_dequantisation_uses_the_given_noise_and_mutates_nothing():
 
 
 def test_fewer_bits_share_a_bin():
-    model = perturbed(Glow(**dict(TINY, n_bits=5)), scale=0.2)
+    model = move_parameters(Glow(**dict(TINY, n_bits=5)), scale=0.2)
     base = torch.floor(pixels(4, model.input_shape) / 8) * 8
     noise = noise_for(model, 4)
     with torch.no_grad():

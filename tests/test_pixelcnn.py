@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from features_zoo import move_parameters
 from scipy import special, stats
 from torch import nn
 
@@ -29,16 +30,8 @@ from gradood.seeding import draw_noise
 TINY = dict(image_size=6, channels=8, num_layers=3, kernel_size=3, first_kernel_size=5, head_channels=8)
 
 
-def perturbed(model: PixelCNN, scale: float = 0.1, seed: int = 0) -> PixelCNN:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
 def tiny(**overrides) -> PixelCNN:
-    return perturbed(PixelCNN(**{**TINY, **overrides})).double()
+    return move_parameters(PixelCNN(**{**TINY, **overrides}), scale=0.1).double()
 
 
 def pixels(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -249,7 +242,7 @@ def test_invalid_hparams_raise(bad):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = perturbed(PixelCNN(**TINY))
+    model = move_parameters(PixelCNN(**TINY), scale=0.1)
     fp = save_checkpoint(model, tmp_path)
     loaded, meta = load_checkpoint(tmp_path)
     assert isinstance(loaded, PixelCNN) and not loaded.training

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from features_zoo import move_parameters
 from scipy.stats import logistic
 from torch.distributions import Normal, kl_divergence
 
@@ -23,14 +24,6 @@ from gradood.models.vae import (
 from gradood.seeding import draw_noise
 
 TINY = dict(in_channels=1, image_size=4, hidden_channels=4, latent_dim=1, norm_groups=2)
-
-
-def perturbed(model: VAE, scale: float = 0.1, seed: int = 0) -> VAE:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.eval()
 
 
 def pixels(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
@@ -109,7 +102,7 @@ def exact_log_likelihood(model: VAE, x: torch.Tensor, half_width: float = 12.0, 
 
 def test_elbo_is_a_lower_bound_on_the_exact_log_likelihood():
     k = 400
-    model = perturbed(VAE(**TINY, n_elbo_samples=k), scale=0.3).double()
+    model = move_parameters(VAE(**TINY, n_elbo_samples=k), scale=0.3).double()
     x = pixels(3, model.input_shape, seed=4).double()
     eps = draw_noise(model.noise_spec(), ["a", "b", "c"], seed=0, dtype=torch.float64)["eps"]
     with torch.no_grad():
@@ -137,7 +130,7 @@ def test_elbo_is_a_lower_bound_on_the_exact_log_likelihood():
 
 
 def test_multi_sample_elbo_is_the_mean_of_single_sample_elbos():
-    model3 = perturbed(VAE(n_elbo_samples=3, hidden_channels=8, latent_dim=4)).double()
+    model3 = move_parameters(VAE(n_elbo_samples=3, hidden_channels=8, latent_dim=4), scale=0.1).double()
     model1 = VAE(n_elbo_samples=1, hidden_channels=8, latent_dim=4).double().eval()
     model1.load_state_dict(model3.state_dict())
     x = pixels(4, model3.input_shape).double()
@@ -150,7 +143,7 @@ def test_multi_sample_elbo_is_the_mean_of_single_sample_elbos():
 
 
 def test_each_row_gets_its_own_eps_reproducibly():
-    model = perturbed(VAE(hidden_channels=8, latent_dim=4))
+    model = move_parameters(VAE(hidden_channels=8, latent_dim=4), scale=0.1)
     eps = draw_noise(model.noise_spec(), ["a", "b", "a"], seed=0)["eps"]
     assert torch.equal(eps[0], eps[2]) and not torch.equal(eps[0], eps[1])
     x = pixels(1, model.input_shape).expand(3, -1, -1, -1)
@@ -164,7 +157,7 @@ def test_each_row_gets_its_own_eps_reproducibly():
 
 
 def test_rows_are_independent_and_inputs_untouched():
-    model = perturbed(VAE(hidden_channels=8, latent_dim=4))
+    model = move_parameters(VAE(hidden_channels=8, latent_dim=4), scale=0.1)
     x, noise = pixels(5, model.input_shape), noise_for(model, 5)
     x_before, eps_before = x.clone(), noise["eps"].clone()
     with torch.no_grad():
@@ -179,7 +172,7 @@ def test_rows_are_independent_and_inputs_untouched():
 
 
 def test_training_loss_is_mean_negative_elbo_in_bits_per_dim():
-    model = perturbed(VAE(hidden_channels=8, latent_dim=4)).double()
+    model = move_parameters(VAE(hidden_channels=8, latent_dim=4), scale=0.1).double()
     x, noise = pixels(3, model.input_shape).double(), noise_for(model, 3)
     with torch.no_grad():
         loss = model.training_loss(x, noise)
@@ -202,7 +195,7 @@ def test_a_few_adam_steps_lower_the_loss():
 
 
 def test_hparams_and_checkpoint_round_trip(tmp_path):
-    model = perturbed(VAE(hidden_channels=8, latent_dim=5, n_elbo_samples=2))
+    model = move_parameters(VAE(hidden_channels=8, latent_dim=5, n_elbo_samples=2), scale=0.1)
     hp = json.loads(json.dumps(model.hparams()))
     rebuilt = build_model("vae", hp)
     assert rebuilt.hparams() == model.hparams() and rebuilt.noise_spec() == model.noise_spec()
@@ -215,7 +208,7 @@ def test_hparams_and_checkpoint_round_trip(tmp_path):
 
 
 def test_sample_gives_images_of_pixel_values():
-    model = perturbed(VAE(hidden_channels=8, latent_dim=4))
+    model = move_parameters(VAE(hidden_channels=8, latent_dim=4), scale=0.1)
     images = model.sample(3, torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 28, 28)
     assert torch.equal(images, images.round()) and images.min() >= 0 and images.max() <= 255

@@ -27,7 +27,7 @@ import gradood
 from gradood.config import ScoreCorpusConfig, TrainJobConfig, to_yaml
 from gradood.data.sources import CorpusSource, open_source
 from gradood.features import feature_layer_names
-from gradood.models.checkpoint import WEIGHTS_FILE, checkpoint_exists, load_checkpoint, read_checkpoint_meta
+from gradood.models.checkpoint import WEIGHTS_FILE, checkpoint_exists, model_from_bytes, read_checkpoint_meta
 from gradood.pipeline import storage
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
 from gradood.pipeline.stages import ExtractSettings, Scorer, ShardFeatureWriter
@@ -343,9 +343,9 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     init_ray(cfg.ray.num_cpus, ex.num_workers * ex.cpus_per_worker + 1)
 
     ckpt = ensure_model(cfg)
+    # read once: the driver's model and every worker's come from the same bytes
     weights = (Path(ckpt) / WEIGHTS_FILE).read_bytes()
-    model, model_meta = load_checkpoint(ckpt)
-    model_meta = {**read_checkpoint_meta(ckpt), "fingerprint": model_meta["fingerprint"]}
+    model, model_meta = model_from_bytes(weights, read_checkpoint_meta(ckpt))
     layer_names = feature_layer_names(model)
     log(
         f"model {model_meta['model']} {model_meta['fingerprint'][:12]} from {ckpt}: {len(layer_names)} layers"

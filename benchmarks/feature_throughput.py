@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradood.config import ExtractConfig
 from gradood.features import extract_features, group_ids
 from gradood.models import DensityModel, build_model, model_names
 from gradood.seeding import draw_noise
@@ -312,7 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="*", default=None, help="model families (default: all registered)")
     parser.add_argument("--configs", nargs="*", default=["default", "paper"])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=ExtractConfig.batch_size,
+        help="rows per extraction call (default: the job's extract.batch_size)",
+    )
     parser.add_argument("--group-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-rows", type=int, default=4)

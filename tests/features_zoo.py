@@ -155,7 +155,13 @@ def zoo() -> dict[str, DensityModel]:
             False,
         ),
         "group_norm": (
-            nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1)),
+            nn.Sequential(
+                nn.Conv2d(c, 8, 3, padding=1),
+                nn.GroupNorm(2, 8),
+                nn.SiLU(),
+                nn.Conv2d(8, 4, 1),
+                nn.GroupNorm(2, 4, bias=False),
+            ),
             False,
         ),
         "layer_norm": (nn.Sequential(Tokens(), nn.Linear(c, 8), nn.LayerNorm(8), nn.Linear(8, 4)), False),

@@ -19,6 +19,7 @@ from gradood.features import (
     register_rule,
 )
 from gradood.features.core import grad_enabled
+from gradood.features.engine import NORM_BLOCK, _sqnorms
 
 ZOO = sorted(zoo())
 
@@ -47,7 +48,7 @@ def test_engine_matches_float64_loop_on_zoo(name, group_size):
     _assert_close(res, _float64_loop(model, x, noise, groups))
 
 
-@pytest.mark.parametrize("strategy", ["ghost", "bmm", "grouped", "shifted", "cost", "time"])
+@pytest.mark.parametrize("strategy", ["ghost", "bmm", "grouped", "correlated", "shifted", "cost", "time"])
 @pytest.mark.parametrize("name", ["conv", "conv_transpose", "linear_3d", "tied"])
 def test_every_reduction_strategy_is_exact(name, strategy):
     model = zoo()[name]
@@ -184,7 +185,7 @@ def test_engine_in_float64_is_exact():
     x, noise = batch(model, 7)
     x, noise = x.double(), {k: v.double() for k, v in noise.items()}
     groups = group_ids(7, 3)
-    for strategy in ("ghost", "bmm", "grouped", "shifted"):
+    for strategy in ("ghost", "bmm", "grouped", "correlated", "shifted"):
         engine = FeatureEngine(model, check="always", strategy=strategy)
         with grad_enabled():
             _, sq = engine(x, noise, groups)
@@ -223,3 +224,14 @@ def test_engine_peak_memory_stays_near_a_plain_backward():
 
     plain(), engine()  # warm: coverage check and strategy choice happen on the first batch
     assert _peak_bytes(engine) <= 1.5 * _peak_bytes(plain)
+
+
+@pytest.mark.parametrize("length", [7, 4 * NORM_BLOCK, 37 * NORM_BLOCK + 513, 1 << 20])
+def test_squared_norms_keep_float32_rows_to_round_off(length):
+    """Rows of up to a million float32 terms must reduce to ~1e-7 of the float64 sum: an unblocked
+    sequential reduction loses up to ~1e-5 there, enough to show in a 1e-4 comparison of features."""
+    gen = torch.Generator().manual_seed(length)
+    t = torch.randn(3, 2, length, generator=gen) * torch.logspace(-3, 3, length).sqrt()
+    got = _sqnorms(t.transpose(0, 2), 0)  # a strided, non-last reduction dim
+    want = t.double().square().sum(-1).T
+    np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-6)

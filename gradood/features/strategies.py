@@ -7,7 +7,8 @@ positions of all its rows):
   size*T; never forms the [p, d] gradient, cheapest when positions are few and channels many;
 - ``bmm``: the group gradient as one [p, size*T] @ [size*T, d] product (im2col for convolutions);
 - a rule's own materialisers (for convolutions ``grouped``: one grouped-convolution weight gradient
-  with a group per row; ``shifted``: one bmm per kernel tap against shifted windows of the input),
+  with a group per row; ``correlated``: one forward convolution of each row's input with its own output
+  gradient as the kernel; ``shifted``: one bmm per kernel tap against shifted windows of the input),
   summed per group.
 
 Which is fastest depends on the shape and on the device, so by default each candidate is timed once

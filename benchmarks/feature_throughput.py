@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -165,8 +167,11 @@ def rel_errors(
 
 
 def bench_config(
-    family: str, config: str, params: dict, args: argparse.Namespace, device: torch.device
+    family: str, config: str, params: dict, args: argparse.Namespace, device_name: str
 ) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(device_name)
     model = make_model(family, params, device)
     x, noise = make_batch(model, args.batch_size, device)
     methods = [m for m in METHODS if m in args.methods]
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = torch.device(args.device)
     records: list[dict] = []
+    # one fresh process per (model, config): the allocator state an earlier model's multi-GB vmap run
+    # leaves behind would otherwise slow the later models' allocation-heavy methods unevenly
+    spawn = multiprocessing.get_context("spawn")
     for family in args.models or model_names():
         for config in args.configs:
             params = {} if config == "default" else dict(PAPER_CONFIGS.get(family, {}))
@@ -357,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
             if config == "paper" and device.type == "cpu":
                 params.update(CPU_PAPER_OVERRIDES.get(family, {}))
             print(f"{family} {config} {params} on {device}, batch {args.batch_size} ...", flush=True)
-            records += bench_config(family, config, params, args, device)
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                records += pool.submit(bench_config, family, config, params, args, args.device).result()
             print_table([r for r in records if r["model"] == family and r["config"] == config])
     with open(args.out, "w") as f:
         json.dump(records, f, indent=2)

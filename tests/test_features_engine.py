@@ -235,3 +235,19 @@ def test_squared_norms_keep_float32_rows_to_round_off(length):
     got = _sqnorms(t.transpose(0, 2), 0)  # a strided, non-last reduction dim
     want = t.double().square().sum(-1).T
     np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_group_norm_rule_recomputes_statistics_when_the_output_is_not_the_kernels():
+    """The GroupNorm rule reads mean and 1/std from the autograd node that produced the module's output;
+    when another forward hook has replaced that output, it must recompute them and stay exact."""
+    model = zoo()["group_norm"]
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    for m in norms:
+        m.register_forward_hook(lambda mod, args, out: out * 1.0)
+    x, noise = batch(model, 9)
+    with grad_enabled():
+        produced = norms[0](torch.randn(2, norms[0].num_channels, 3, 3, requires_grad=True))
+    assert type(produced.grad_fn).__name__ != "NativeGroupNormBackward0"
+    groups = group_ids(9, 4)
+    res = extract_features(model, x, noise, groups, method="engine")
+    _assert_close(res, _float64_loop(model, x, noise, groups))

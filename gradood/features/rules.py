@@ -313,16 +313,31 @@ def conv_transpose_rule(call: ModuleCall) -> dict[str, Contribution]:
     return out
 
 
-@register_rule(nn.GroupNorm)
+def _group_norm_stats(call: ModuleCall) -> tuple[Tensor, Tensor]:
+    """Per-(row, group) mean and 1/std of a GroupNorm call: the ones autograd saved for the module's own
+    backward (which has not run yet when the rule fires) when the output came straight from the
+    native kernel, else recomputed: re-reading the input costs as much as the module's forward."""
+    node = call.outputs[0].grad_fn
+    if type(node).__name__ == "NativeGroupNormBackward0":
+        return node._saved_result1, node._saved_result2
+    m: nn.GroupNorm = call.module  # type: ignore[assignment]
+    x = call.args[0]
+    _, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, x.shape[0], m.num_channels, x[0, 0].numel(), m.num_groups, m.eps
+    )
+    return mean, rstd
+
+
+@register_rule(nn.GroupNorm, keep_outputs=True)
 def group_norm_rule(call: ModuleCall) -> dict[str, Contribution]:
-    """Per-sample affine gradients from the backend's fused kernels: the batch of ``n`` rows is viewed as
+    """Per-sample affine gradients from the backend's fused kernel: the batch of ``n`` rows is viewed as
     ONE row of ``n * C`` channels in ``n * groups`` groups (the same statistics), whose weight and bias
     gradients are exactly the per-(row, channel) sums of ``g * x_hat`` and ``g``; x_hat is never written."""
     m: nn.GroupNorm = call.module  # type: ignore[assignment]
     x, g = call.args[0], call.grad()
     n, c = x.shape[0], m.num_channels
     positions = x[0, 0].numel()
-    _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, positions, m.num_groups, m.eps)
+    mean, rstd = _group_norm_stats(call)
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         g.reshape(1, n * c, positions),
         x.reshape(1, n * c, positions),

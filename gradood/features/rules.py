@@ -261,12 +261,11 @@ def conv_rule(call: ModuleCall) -> dict[str, Contribution]:
     n, k = call.batch_size, m.groups
     x, g_out = call.args[0], call.grad()
     g = g_out.reshape(n, k, m.out_channels // k, -1)
-    materialisers = {
-        "grouped": lambda r: _grouped_conv_grads(x[r], g_out[r], m),
-        "correlated": lambda r: _correlated_grads(x[r], g_out[r], m),
-    }
-    if m.stride == (1, 1) and m.padding_mode == "zeros" and m.kernel_size != (1, 1):
-        materialisers["shifted"] = lambda r: _shifted_window_grads(x[r], g_out[r], m)
+    materialisers = {"grouped": lambda r: _grouped_conv_grads(x[r], g_out[r], m)}
+    if m.kernel_size != (1, 1):  # a 1x1 conv's per-sample gradient is one plain matmul: bmm
+        materialisers["correlated"] = lambda r: _correlated_grads(x[r], g_out[r], m)
+        if m.stride == (1, 1) and m.padding_mode == "zeros":
+            materialisers["shifted"] = lambda r: _shifted_window_grads(x[r], g_out[r], m)
     out: dict[str, Contribution] = {
         "weight": Outer(
             activations=lambda r: _conv_patches(x[r], m).unflatten(1, (k, -1)),

@@ -7,11 +7,12 @@
 For every registered model family, at its default config and at a larger "paper-size" one, it times
 (after warm-up, methods interleaved round-robin so a noisy shared machine hits them alike, median of
 ``--repeats``): plain fwd+bwd, the engine, whole-model vmap and the per-sample loop, all through
-``extract_features`` as the pipeline calls it. Peak memory is taken in a separate run (CUDA: the
-allocator's peak; CPU: torch allocations replayed from the profiler's memory events, relative to the
-start of the call). ``max_rel_err`` compares each method's features with a float64 per-sample loop on
-the first ``--check-rows`` rows. Models are randomly initialised (ActNorm from data) with every
-parameter perturbed, so no feature is identically zero.
+``extract_features`` as the pipeline calls it, and Opacus / BackPACK when installed (``external.py``;
+a model they cannot handle gets a record with the reason instead of a time). Peak memory is taken in a
+separate run (CUDA: the allocator's peak; CPU: torch allocations replayed from the profiler's memory
+events, relative to the start of the call). ``max_rel_err`` compares each method's features with a
+float64 per-sample loop on the first ``--check-rows`` rows. Models are randomly initialised (ActNorm
+from data) with every parameter perturbed, so no feature is identically zero.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import external
 import numpy as np
 import torch
 
@@ -85,6 +87,11 @@ def make_batch(
 def runner(
     method: str, model: DensityModel, x: torch.Tensor, noise: dict, group_size: int
 ) -> Callable[[], Any]:
+    if method in external.LIBRARIES:
+        if group_size != 1:
+            raise external.Unsupported("set-level features (group_size > 1) are gradood's own")
+        sqnorms = external.prepare(method, model)
+        return lambda: sqnorms(x, noise)
     if method == "plain":
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -151,15 +158,21 @@ def rel_errors(
     groups = group_ids(len(x), group_size)
     m64 = copy.deepcopy(model).double()
     x64, noise64 = x.double(), {k: v.double() for k, v in noise.items()}
-    ref = extract_features(m64, x64, noise64, groups, method="loop").sqnorms
 
-    def err(res: Any) -> float:
-        return float(np.max(np.abs(res.sqnorms - ref) / np.maximum(ref, 1e-300)))
+    def features(method: str, model: DensityModel, x: torch.Tensor, noise: dict) -> np.ndarray:
+        if method in external.LIBRARIES:
+            return external.prepare(method, model)(x, noise).numpy()
+        return extract_features(model, x, noise, groups, method=method).sqnorms
+
+    ref = features("loop", m64, x64, noise64)
+
+    def err(sqnorms: np.ndarray) -> float:
+        return float(np.max(np.abs(sqnorms - ref) / np.maximum(ref, 1e-300)))
 
     return {
         m: dict(
-            max_rel_err=err(extract_features(model, x, noise, groups, method=m)),
-            max_rel_err_f64=err(extract_features(m64, x64, noise64, groups, method=m)),
+            max_rel_err=err(features(m, model, x, noise)),
+            max_rel_err_f64=err(features(m, m64, x64, noise64)),
         )
         for m in methods
         if m != "plain"
@@ -174,8 +187,16 @@ def bench_config(
     device = torch.device(device_name)
     model = make_model(family, params, device)
     x, noise = make_batch(model, args.batch_size, device)
-    methods = [m for m in METHODS if m in args.methods]
-    fns = {m: runner(m, model, x, noise, args.group_size) for m in methods}
+    fns: dict[str, Callable[[], Any]] = {}
+    unsupported: dict[str, str] = {}
+    for m in args.methods:
+        try:
+            fns[m] = runner(m, model, x, noise, args.group_size)
+            fns[m]()  # a library that skips parameters says so on its first call
+        except external.Unsupported as e:
+            unsupported[m] = str(e)
+            fns.pop(m, None)
+    methods = list(fns)
     times = time_round_robin(fns, args.repeats, device)
     peaks = {m: peak_memory(fns[m], device) for m in methods}
     rows = args.check_rows
@@ -204,9 +225,13 @@ def bench_config(
                 **errors.get(m, dict(max_rel_err=None, max_rel_err_f64=None)),
             )
         )
-    by_method = {r["method"]: r for r in records}
+    records += [
+        dict(model=family, config=config, params=params, method=m, batch_size=args.batch_size, error=reason)
+        for m, reason in unsupported.items()
+    ]
+    by_method = {r["method"]: r for r in records if "error" not in r}
     if "engine" in by_method:
-        for other in ("loop", "vmap"):
+        for other in ("loop", "vmap", *external.LIBRARIES):
             if other in by_method:
                 by_method["engine"][f"speedup_vs_{other}"] = (
                     by_method[other]["time_s"] / by_method["engine"]["time_s"]
@@ -302,6 +327,9 @@ def print_table(records: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in records:
+        if "error" in r:
+            print(f"{r['model']:8} {r['config']:8} {r['method']:7} unsupported: {r['error'][:200]}")
+            continue
         err, err64 = ("-" if r[k] is None else f"{r[k]:.1e}" for k in ("max_rel_err", "max_rel_err_f64"))
         print(
             f"{r['model']:8} {r['config']:8} {r['method']:7} {r['batch_size']:5d} {1e3 * r['time_s']:9.1f} "
@@ -317,7 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=None, help="model families (default: all registered)")
     parser.add_argument("--configs", nargs="*", default=["default", "paper"])
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[*METHODS, *external.installed()],
+        help=f"of {', '.join([*METHODS, *external.LIBRARIES])} (default: all that are installed)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,

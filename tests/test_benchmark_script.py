@@ -7,24 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_feature_benchmark_writes_complete_records(tmp_path):
+def _run_benchmark(tmp_path: Path, *methods: str) -> dict[str, dict]:
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,
         str(REPO / "benchmarks" / "feature_throughput.py"),
         "--models", "vae",
         "--configs", "default",
-        "--methods", "engine", "loop",
+        "--methods", *methods,
         "--batch-size", "4",
         "--repeats", "1",
         "--check-rows", "2",
         "--out", str(out),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, timeout=300)
-    records = {r["method"]: r for r in json.loads(out.read_text())}
+    return {r["method"]: r for r in json.loads(out.read_text())}
+
+
+def test_feature_benchmark_writes_complete_records(tmp_path):
+    records = _run_benchmark(tmp_path, "engine", "loop")
     assert set(records) == {"plain", "engine", "loop"}
     for r in records.values():
         assert {"model", "config", "device", "batch_size", "method", "ratio_vs_plain"} <= set(r)
@@ -35,3 +41,15 @@ def test_feature_benchmark_writes_complete_records(tmp_path):
         assert records[method]["max_rel_err"] <= 1e-4
         assert records[method]["max_rel_err_f64"] <= 1e-10
     assert records["engine"]["speedup_vs_loop"] > 0
+
+
+def test_third_party_methods_are_timed_or_refused_with_the_reason(tmp_path):
+    """Opacus handles the VAE exactly; BackPACK silently skips its GroupNorm parameters, which the
+    benchmark must turn into a refusal naming them rather than time a partial answer."""
+    pytest.importorskip("opacus")
+    pytest.importorskip("backpack")
+    records = _run_benchmark(tmp_path, "opacus", "backpack")
+    assert records["opacus"]["max_rel_err"] <= 1e-4 and records["opacus"]["ratio_vs_plain"] > 0
+    assert "error" not in records["opacus"]
+    assert "encoder.net.0.1.weight" in records["backpack"]["error"]
+    assert "ratio_vs_plain" not in records["backpack"]

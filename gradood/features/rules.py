@@ -255,61 +255,50 @@ def _padding(m: nn.Conv2d | nn.ConvTranspose2d) -> tuple[int, int, int, int]:
     return (m.padding[1], m.padding[1], m.padding[0], m.padding[0])
 
 
+def _conv_weight(m: nn.Conv2d | nn.ConvTranspose2d, a: Tensor, g: Tensor, kind: str) -> Outer:
+    """The weight's per-sample gradient as the correlation of ``a`` (unfolded into the activations) with
+    ``g`` (the output side), both [n, C, H, W]: a conv passes its input and its output gradient, a
+    transposed conv (the adjoint of a conv with the same weight) the other way round."""
+    n, k = len(a), m.groups
+    g_blocks = g.reshape(n, k, g.shape[1] // k, -1)
+    materialisers = {"grouped": lambda r: _grouped_conv_grads(a[r], g[r], m)}
+    if m.kernel_size != (1, 1):  # a 1x1 conv's per-sample gradient is one plain matmul: bmm
+        materialisers["correlated"] = lambda r: _correlated_grads(a[r], g[r], m)
+        if isinstance(m, nn.Conv2d) and m.stride == (1, 1) and m.padding_mode == "zeros":
+            materialisers["shifted"] = lambda r: _shifted_window_grads(a[r], g[r], m)
+    return Outer(
+        activations=lambda r: _conv_patches(a[r], m).unflatten(1, (k, -1)),
+        out_grads=_rows(g_blocks),
+        blocks=k,
+        p=g.shape[1] // k,
+        d=m.weight[0].numel(),
+        positions=g_blocks.shape[-1],
+        kind=f"{kind}{m.kernel_size}s{m.stride}",
+        materialisers=materialisers,
+    )
+
+
+def _conv_contributions(
+    m: nn.Conv2d | nn.ConvTranspose2d, weight: Outer, g_out: Tensor
+) -> dict[str, Contribution]:
+    out: dict[str, Contribution] = {"weight": weight}
+    if m.bias is not None:
+        out["bias"] = g_out.flatten(2).sum(-1)
+    return out
+
+
 @register_rule(nn.Conv2d)
 def conv_rule(call: ModuleCall) -> dict[str, Contribution]:
     m: nn.Conv2d = call.module  # type: ignore[assignment]
-    n, k = call.batch_size, m.groups
     x, g_out = call.args[0], call.grad()
-    g = g_out.reshape(n, k, m.out_channels // k, -1)
-    materialisers = {"grouped": lambda r: _grouped_conv_grads(x[r], g_out[r], m)}
-    if m.kernel_size != (1, 1):  # a 1x1 conv's per-sample gradient is one plain matmul: bmm
-        materialisers["correlated"] = lambda r: _correlated_grads(x[r], g_out[r], m)
-        if m.stride == (1, 1) and m.padding_mode == "zeros":
-            materialisers["shifted"] = lambda r: _shifted_window_grads(x[r], g_out[r], m)
-    out: dict[str, Contribution] = {
-        "weight": Outer(
-            activations=lambda r: _conv_patches(x[r], m).unflatten(1, (k, -1)),
-            out_grads=_rows(g),
-            blocks=k,
-            p=m.out_channels // k,
-            d=m.weight[0].numel(),
-            positions=g.shape[-1],
-            kind=f"conv{m.kernel_size}s{m.stride}",
-            materialisers=materialisers,
-        )
-    }
-    if m.bias is not None:
-        out["bias"] = g.sum(-1).flatten(1)
-    return out
+    return _conv_contributions(m, _conv_weight(m, x, g_out, "conv"), g_out)
 
 
 @register_rule(nn.ConvTranspose2d)
 def conv_transpose_rule(call: ModuleCall) -> dict[str, Contribution]:
-    """A transposed conv is the adjoint of a conv with the same weight, so the roles swap: the output
-    gradient, unfolded, plays the activations and the input plays the output gradient."""
     m: nn.ConvTranspose2d = call.module  # type: ignore[assignment]
-    n, k = call.batch_size, m.groups
-    x_in, g_out = call.args[0], call.grad()
-    x = x_in.reshape(n, k, m.in_channels // k, -1)
-
-    out: dict[str, Contribution] = {
-        "weight": Outer(
-            activations=lambda r: _conv_patches(g_out[r], m).unflatten(1, (k, -1)),
-            out_grads=_rows(x),
-            blocks=k,
-            p=m.in_channels // k,
-            d=m.weight[0].numel(),
-            positions=x.shape[-1],
-            kind=f"conv_transpose{m.kernel_size}s{m.stride}",
-            materialisers={
-                "grouped": lambda r: _grouped_conv_grads(g_out[r], x_in[r], m),
-                "correlated": lambda r: _correlated_grads(g_out[r], x_in[r], m),
-            },
-        )
-    }
-    if m.bias is not None:
-        out["bias"] = g_out.flatten(2).sum(-1)
-    return out
+    x, g_out = call.args[0], call.grad()
+    return _conv_contributions(m, _conv_weight(m, g_out, x, "conv_transpose"), g_out)
 
 
 def _group_norm_stats(call: ModuleCall) -> tuple[Tensor, Tensor]:

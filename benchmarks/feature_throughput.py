@@ -254,7 +254,7 @@ def bench_pipeline(args: argparse.Namespace) -> list[dict]:
     from gradood.config import ScoreCorpusConfig, load_config
     from gradood.data.sources import open_source
     from gradood.models.checkpoint import WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
-    from gradood.pipeline.ray_job import init_ray, run_extraction
+    from gradood.pipeline.extract import init_ray, run_extraction
 
     family, device = "glow", torch.device("cpu")
     torch.set_num_threads(1)  # what each pipeline worker runs with (extract.torch_threads=1)

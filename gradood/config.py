@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
+
+from gradood.stats.conformal import FdrMethod
+from gradood.stats.suite import Combination, TestName
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -71,8 +75,43 @@ class FitConfig:
     min_sqnorm: float = 1e-30
     #: layers whose log-norm std on the fit set is below this are dropped (and counted)
     min_std: float = 1e-12
+    #: share of the held-out rows kept out of the fit for calibration (p-values); split by a hash of
+    #: (seed, row id), half for the single tests' p-values, half for the combined test's
+    calibration_fraction: float = 0.4
     #: refit even when a detector with matching settings exists (it is reused otherwise)
     refit: bool = False
+
+
+class DetectorName(StrEnum):
+    """Which test's score and p-value rank and flag the corpus: the combination or one single test."""
+
+    combined = "combined"
+    paper = "paper"
+    fullcov = "fullcov"
+    fisher_layers = "fisher_layers"
+    gradnorm = "gradnorm"
+    typicality = "typicality"
+    nll = "nll"
+
+
+@dataclass
+class DetectConfig:
+    #: the test behind ood_score, p_value, rank and flags (every test's score and p-value is kept)
+    detector: DetectorName = DetectorName.combined
+    #: the single tests the combined test combines
+    components: list[TestName] = field(
+        default_factory=lambda: [TestName.paper, TestName.fullcov, TestName.typicality]
+    )
+    #: fisher: -2 sum_k log p_k; tippett: -min_k log p_k (both calibrated on held-out rows)
+    combination: Combination = Combination.fisher
+
+
+@dataclass
+class FlagConfig:
+    #: false-discovery rate the flags are controlled at, over one run's p-values
+    fdr: float = 0.05
+    #: bh: Benjamini-Hochberg (conformal p-values are PRDS); by: Benjamini-Yekutieli (any dependence)
+    method: FdrMethod = FdrMethod.bh
 
 
 @dataclass
@@ -134,6 +173,8 @@ class ScoreCorpusConfig(TrainJobConfig):
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    flag: FlagConfig = field(default_factory=FlagConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 
@@ -45,3 +46,8 @@ def draw_noise(
                 raise ValueError(f"unknown noise distribution {spec.dist!r} for noise input {name!r}")
         out[name] = torch.stack(rows).to(dtype) if rows else torch.empty((0, *spec.shape), dtype=dtype)
     return out
+
+
+def row_uniforms(seed: int, row_ids: Sequence[str], stream: str) -> np.ndarray:
+    """One uniform in [0, 1) per row id, a pure function of (seed, stream, id): for reproducible splits."""
+    return np.array([row_seed(seed, rid, stream) / 2.0**63 for rid in row_ids], dtype=np.float64)

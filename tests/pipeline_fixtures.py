@@ -14,8 +14,9 @@ from gradood.data.sources import load_all, open_source
 from gradood.features import extract_features
 from gradood.models.checkpoint import save_checkpoint
 from gradood.models.glow import Glow
-from gradood.seeding import draw_noise
-from gradood.stats.detector import LogGaussianDetector, TypicalityTest
+from gradood.pipeline.stages import SPLIT_STREAM, group_id
+from gradood.seeding import draw_noise, row_uniforms
+from gradood.stats import DetectorSuite, Moments, log_features, split_of
 
 TINY_GLOW = {"in_channels": 1, "image_size": 28, "num_levels": 2, "num_steps": 1, "hidden_channels": 8}
 
@@ -52,28 +53,47 @@ def write_png_folder(directory: Path, n_id: int = 12, n_ood: int = 6, corrupt: b
 
 
 def reference_scores(
-    checkpoint_model: Glow, fit_uri: str, fit_size: int, corpus_uri: str, seed: int, group_size: int = 1
+    checkpoint_model: Glow,
+    fit_uri: str,
+    fit_size: int,
+    corpus_uri: str,
+    seed: int,
+    group_size: int = 1,
+    calibration_fraction: float = 0.4,
 ) -> dict[str, dict[str, float]]:
-    """The whole method in-process with the per-sample loop: {id: {ood_score, typicality, log_prob}}."""
+    """The whole method in-process with the per-sample loop: {id: {ood_score, p_value, score:*, log_prob}}."""
     model = checkpoint_model
     converter = ImageConverter(model.image_mode, model.input_shape[1:])
 
     def features(uri: str, limit: int | None):
         rows = load_all(open_source(uri, limit=limit), converter)
         x = torch.from_numpy(rows.images).float()
-        groups = torch.from_numpy(np.asarray(rows.indices) // group_size)
-        groups = torch.unique(groups, return_inverse=True)[1]
+        global_groups = np.asarray(rows.indices) // group_size
+        groups = torch.unique(torch.from_numpy(global_groups), return_inverse=True)[1]
         res = extract_features(
             model, x, draw_noise(model.noise_spec(), rows.ids, seed), groups, method="loop"
         )
         g = groups.numpy()
         log_prob = np.bincount(g, weights=res.log_prob) / np.bincount(g)
-        first = [rows.ids[int(np.flatnonzero(g == k)[0])] for k in range(g.max() + 1)]
-        return first, log_prob, res.sqnorms, res.layer_names
+        first = [int(np.flatnonzero(g == k)[0]) for k in range(g.max() + 1)]
+        ids = [rows.ids[i] if group_size == 1 else group_id(int(global_groups[i])) for i in first]
+        matrix = np.column_stack([log_features(res.sqnorms, 1e-30), log_prob])
+        return ids, matrix, res.layer_names
 
-    _, fit_lp, fit_sq, names = features(fit_uri, fit_size)
-    det = LogGaussianDetector().fit(fit_sq, names)
-    typ = TypicalityTest().fit(fit_lp)
-    ids, lp, sq, _ = features(corpus_uri, None)
-    s, t = det.ood_score(sq), typ.ood_score(lp)
-    return {i: {"ood_score": s[k], "typicality": t[k], "log_prob": lp[k]} for k, i in enumerate(ids)}
+    fit_ids, fit_x, names = features(fit_uri, fit_size)
+    part = split_of(row_uniforms(seed, fit_ids, SPLIT_STREAM), calibration_fraction)
+    suite = DetectorSuite(calibration_fraction=calibration_fraction).fit_parts(
+        Moments.from_values(fit_x[part == 0]), fit_x[part == 1], fit_x[part == 2], [*names, "log_prob"]
+    )
+    ids, x, _ = features(corpus_uri, None)
+    results = suite.score_all(x)
+    out = {}
+    for k, row_id in enumerate(ids):
+        out[row_id] = {
+            "ood_score": results["combined"]["score"][k],
+            "p_value": results["combined"]["p_index"][k] / (suite.calibration_size("combined") + 1),
+            "score:typicality": results["typicality"]["score"][k],
+            "score:paper": results["paper"]["score"][k],
+            "log_prob": x[k, -1],
+        }
+    return out

@@ -12,9 +12,9 @@ import ray
 
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.models.checkpoint import load_checkpoint
-from gradood.pipeline import ray_job, storage
+from gradood.pipeline import fit, ray_job, storage
 from gradood.pipeline.tables import SQNORM_PREFIX, sqnorm_matrix, table_metadata
-from gradood.stats.detector import log_features
+from gradood.stats import DetectorSuite, log_features
 from tests.pipeline_fixtures import reference_scores, tiny_glow_checkpoint, write_png_folder
 
 pytestmark = pytest.mark.slow
@@ -81,6 +81,8 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
 
     detector = json.loads((out / "detector.json").read_text())
     assert detector["model_fingerprint"] == ckpt_meta["fingerprint"] and detector["fit"]["n_rows"] == 40
+    n_cal = detector["fit"]["n_calibration_rows"]
+    assert detector["fit"]["n_fit_rows"] + sum(n_cal) == 40 and min(n_cal) >= 1
     assert (out / "run.yaml").read_text().startswith("seed: 0")
 
     # scores equal the reference computed in-process with the per-sample loop
@@ -88,9 +90,11 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
     ref = reference_scores(model, FIT_URI, 40, str(workspace["corpus"]), seed=0)
     assert sorted(r["id"] for r in scores) == sorted(ref)
     for r in scores:
-        for key in ("ood_score", "typicality", "log_prob"):
+        for key in ("ood_score", "score:typicality", "score:paper", "log_prob"):
             assert r[key] == pytest.approx(ref[r["id"]][key], rel=1e-4, abs=1e-3), key
+        assert r["p_value"] == ref[r["id"]]["p_value"]
         assert len(r["top_layers"]) == 3 and len(r["top_z"]) == 3
+    assert summary["flagged"] == sum(r["flagged"] for r in scores)
     assert [r["rank"] for r in scores] == list(range(1, 19))
     assert all(a["ood_score"] >= b["ood_score"] for a, b in zip(scores, scores[1:], strict=False))
     assert summary["top10"] == [r["id"] for r in scores[:10]]
@@ -99,10 +103,20 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
     again = ray_job.run_score_corpus(
         job_config(workspace, str(out), "extract.shard_size=5", "extract.batch_size=3")
     )
-    rescored = {r["id"]: r["ood_score"] for r in storage.read_parquet(str(out / "scores")).to_pylist()}
+    rescored = {r["id"]: r for r in storage.read_parquet(str(out / "scores")).to_pylist()}
     assert again["scored"] == 18
     for r in scores:
-        assert rescored[r["id"]] == pytest.approx(r["ood_score"], rel=1e-5)
+        assert rescored[r["id"]]["ood_score"] == pytest.approx(r["ood_score"], rel=1e-5)
+        assert rescored[r["id"]]["p_value"] == r["p_value"]
+
+    # a fresh fit with another shard layout splits the held-out rows the same way
+    refit = ray_job.run_score_corpus(
+        job_config(workspace, str(out), "fit.refit=true", "extract.shard_size=7", "extract.batch_size=5")
+    )
+    assert refit["scored"] == 18
+    detector_again = json.loads((out / "detector.json").read_text())
+    assert detector_again["fit"]["n_calibration_rows"] == detector["fit"]["n_calibration_rows"]
+    assert detector_again["fit"]["n_fit_rows"] == detector["fit"]["n_fit_rows"]
 
 
 def test_group_features_and_detector_mismatch(local_ray, workspace, tmp_path):
@@ -117,6 +131,14 @@ def test_group_features_and_detector_mismatch(local_ray, workspace, tmp_path):
     members = scores.column("member_ids").to_pylist()
     assert sum(len(m) for m in members) == summary["scored"] == 18
     assert max(len(m) for m in members) == 3
+
+    # an old-format detector file is refused with the reason
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**json.loads((out / "detector.json").read_text()), "format_version": 1}))
+    with pytest.raises(ValueError, match="format_version 1"):
+        ray_job.run_score_corpus(
+            job_config(workspace, str(out), "extract.group_size=3", f"output.detector_uri={old}")
+        )
 
     # the detector of a group_size=3 run is refused for group_size=1, and for another model
     with pytest.raises(ValueError, match="group_size"):
@@ -136,11 +158,11 @@ def test_group_features_and_detector_mismatch(local_ray, workspace, tmp_path):
 
 def test_reducer_death_falls_back_to_parquet(local_ray, workspace, tmp_path, monkeypatch, capsys):
     """Killing the reducer mid-fit must give the same detector, recomputed from the Parquet shards."""
-    original_start, original_extract = ray_job.start_reducer, ray_job.run_extraction
+    original_start, original_extract = fit.start_reducer, fit.run_extraction
     handles = []
 
-    def start_and_remember(num_layers):
-        handles.append(original_start(num_layers))
+    def start_and_remember(num_features):
+        handles.append(original_start(num_features))
         return handles[-1]
 
     def extract_and_kill(*args, on_shard=None, **kwargs):
@@ -152,26 +174,31 @@ def test_reducer_death_falls_back_to_parquet(local_ray, workspace, tmp_path, mon
 
     cfg = job_config(workspace, str(tmp_path / "healthy"))
     healthy = json.loads(
-        json.dumps(ray_job.fit_detector(cfg, str(tmp_path / "healthy"), *_model_args(workspace)))
+        json.dumps(fit.fit_detector(cfg, str(tmp_path / "healthy"), *_model_args(workspace)))
     )
-    monkeypatch.setattr(ray_job, "start_reducer", start_and_remember)
-    monkeypatch.setattr(ray_job, "run_extraction", extract_and_kill)
-    recovered = ray_job.fit_detector(cfg, str(tmp_path / "killed"), *_model_args(workspace))
+    monkeypatch.setattr(fit, "start_reducer", start_and_remember)
+    monkeypatch.setattr(fit, "run_extraction", extract_and_kill)
+    recovered = fit.fit_detector(cfg, str(tmp_path / "killed"), *_model_args(workspace))
     assert handles, "the reducer was not started through start_reducer"
     assert "recomputing the fit from" in capsys.readouterr().out
-    # each detector equals a one-pass numpy fit over its own run's fit-set Parquet files: the healthy
-    # one came from the reducer, the other from the fallback (the two runs' float32 features may
-    # differ in the last bits, as the engine times its kernels per run)
+    # each detector equals a one-pass numpy fit over its own run's fit rows: the healthy one came from
+    # the reducer, the other from the fallback (the two runs' float32 features may differ in the last
+    # bits, as the engine times its kernels per run)
     for run, detector in (("healthy", healthy), ("killed", recovered)):
         table = storage.read_parquet(str(tmp_path / run / "fit" / "features"))
-        logf = log_features(sqnorm_matrix(table, detector["layers"]), cfg.fit.min_sqnorm)
-        fitted = detector["log_gaussian"]
-        kept = [detector["layers"].index(n) for n in fitted["layer_names"]]
-        np.testing.assert_allclose(fitted["mean"], logf.mean(axis=0)[kept], rtol=1e-9)
-        np.testing.assert_allclose(fitted["std"], logf.std(axis=0)[kept], rtol=1e-9)
-        nll = -table.column("log_prob").to_numpy()
-        assert detector["typicality"]["entropy"] == pytest.approx(nll.mean(), rel=1e-12)
-    np.testing.assert_allclose(healthy["log_gaussian"]["mean"], recovered["log_gaussian"]["mean"], rtol=1e-6)
+        fit_rows = np.asarray(table.column("split").to_numpy()) == 0
+        logf = log_features(sqnorm_matrix(table, detector["layers"]), cfg.fit.min_sqnorm)[fit_rows]
+        suite = DetectorSuite.from_dict(detector["suite"])
+        paper = suite.tests_["paper"]
+        np.testing.assert_allclose(paper.mean_, logf.mean(axis=0)[paper.kept_], rtol=1e-9)
+        np.testing.assert_allclose(paper.std_, logf.std(axis=0)[paper.kept_], rtol=1e-9)
+        nll = -table.column("log_prob").to_numpy()[fit_rows]
+        assert suite.tests_["typicality"].entropy_ == pytest.approx(nll.mean(), rel=1e-12)
+    np.testing.assert_allclose(
+        DetectorSuite.from_dict(healthy["suite"]).tests_["paper"].mean_,
+        DetectorSuite.from_dict(recovered["suite"]).tests_["paper"].mean_,
+        rtol=1e-6,
+    )
 
 
 def _model_args(ws):
@@ -200,5 +227,7 @@ def test_demo_corpus_run_reports_auroc_per_source(local_ray, workspace, tmp_path
     # sets of 5 consecutive rows: 2 corrupt files shift the folders, so 3 boundary sets mix two sources
     assert demo["mixed_sets_left_out"] == 3
     for row in demo["sources"].values():
-        for score in ("ood_score", "typicality"):
-            assert 0.0 <= row[score]["auroc"] <= 1.0 and row[score]["n_id"] == 1
+        for score in ("ood_score", "score:typicality"):
+            assert row[score]["n_id"] == 1 and row[score]["n_ood"] >= 1
+    scores = storage.read_parquet(str(tmp_path / "out" / "scores"))
+    assert sum(demo["flagged"].values()) == summary["flagged"] == sum(scores.column("flagged").to_pylist())

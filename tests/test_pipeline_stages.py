@@ -20,10 +20,9 @@ from gradood.pipeline.stages import (
     compute_features,
     drop_non_finite,
 )
-from gradood.pipeline.tables import sqnorm_matrix, table_metadata
-from gradood.seeding import draw_noise
-from gradood.stats.detector import LogGaussianDetector, TypicalityTest, log_features
-from gradood.stats.moments import Moments
+from gradood.pipeline.tables import feature_matrix, suite_feature_names, table_metadata
+from gradood.seeding import draw_noise, row_uniforms
+from gradood.stats import DetectorSuite, Moments, split_of
 from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
 
 
@@ -97,7 +96,7 @@ def test_non_finite_groups_become_error_rows():
 
 
 def test_shard_writer_contract(model_dir, tmp_path):
-    corpus = write_png_folder(tmp_path / "corpus", n_id=5, n_ood=2)
+    corpus = write_png_folder(tmp_path / "corpus", n_id=20, n_ood=4)
     source = open_source(str(corpus))
     out = tmp_path / "out"
     settings = ExtractSettings(
@@ -109,45 +108,61 @@ def test_shard_writer_contract(model_dir, tmp_path):
         method="engine",
         min_sqnorm=1e-30,
         image={"resize": "resize", "interpolation": "bilinear"},
+        calibration_fraction=0.5,
     )
     meta = read_checkpoint_meta(model_dir)
     writer = ShardFeatureWriter((model_dir / WEIGHTS_FILE).read_bytes(), meta, source, settings)
-    shards = source.shards(3)
+    shards = source.shards(7)
     batch = {"shard": np.array(shards, dtype=object)}
     summary = writer(batch)
     assert list(summary["shard"]) == [s.index for s in shards]
-    assert sum(summary["rows_scored"]) + sum(summary["rows_rejected"]) == source.num_rows() == 8
+    assert sum(summary["rows_scored"]) + sum(summary["rows_rejected"]) == source.num_rows() == 25
 
     table = pq.read_table(out / "features")
     file_meta = table_metadata(pq.read_schema(sorted((out / "features").glob("*.parquet"))[0]))
     assert file_meta["model_fingerprint"] == meta["fingerprint"] and file_meta["seed"] == 0
-    assert table.num_rows == 7 and table.column("id").to_pylist() == sorted(table.column("id").to_pylist())
+    assert table.num_rows == 24 and table.column("id").to_pylist() == sorted(table.column("id").to_pylist())
     assert pq.read_table(out / "errors").column("id").to_pylist()[0].endswith("zz-corrupt.png")
 
-    # the summaries' moments equal a direct fit on the written features; the reducer is idempotent
+    # rows are split by a hash of (seed, id); the summaries' moments are those of the fit rows only,
+    # equal to a direct computation on the written features; the reducer is idempotent
     layers = file_meta["layers"]
-    logf = log_features(sqnorm_matrix(table, layers), 1e-30)
-    reducer = FitReducer(len(layers))
+    split = table.column("split").to_numpy()
+    ids = table.column("id").to_pylist()
+    np.testing.assert_array_equal(split, split_of(row_uniforms(0, ids, "calibration-split"), 0.5))
+    assert set(split.tolist()) == {0, 1, 2}
+    x = feature_matrix(table, layers, 1e-30)
+    reducer = FitReducer(len(layers) + 1)
     for k in range(len(shards)):
-        reducer.add(int(summary["shard"][k]), summary["logf_moments"][k], summary["nll_moments"][k])
-    reducer.add(int(summary["shard"][0]), summary["logf_moments"][0], summary["nll_moments"][0])
-    merged = Moments.from_dict(reducer.result()["logf"])
-    assert merged.count == 7
-    np.testing.assert_allclose(merged.mean, logf.mean(axis=0), rtol=1e-9)
-    np.testing.assert_allclose(merged.variance(), logf.var(axis=0), rtol=1e-9, atol=1e-12)
-    logf_pq, nll_pq, shard_ids = moments_from_parquet(str(out / "features"), layers, 1e-30)
-    np.testing.assert_allclose(logf_pq.mean, merged.mean, rtol=1e-9)
-    assert shard_ids == sorted(s.index for s in shards)
+        reducer.add(int(summary["shard"][k]), summary["moments"][k])
+    reducer.add(int(summary["shard"][0]), summary["moments"][0])
+    merged = Moments.from_dict(reducer.result()["moments"])
+    assert merged.count == int((split == 0).sum())
+    np.testing.assert_allclose(merged.mean, x[split == 0].mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(merged.covariance(), np.cov(x[split == 0], rowvar=False, ddof=0), rtol=1e-8)
+    from_files = moments_from_parquet(str(out / "features"), layers, 1e-30)
+    np.testing.assert_allclose(from_files.comoment, merged.comoment, rtol=1e-9)
 
-    # scorer: detector fitted on these rows, scores = detector.ood_score; top layers have largest |z|
-    det = LogGaussianDetector().fit(sqnorm_matrix(table, layers), layers)
-    typ = TypicalityTest().fit(table.column("log_prob").to_numpy())
+    # scorer: the suite's scores and p-values for every row; top layers have the largest |z|
+    suite = DetectorSuite().fit_parts(merged, x[split == 1], x[split == 2], suite_feature_names(layers))
+    detector = {"suite": suite.to_dict(), "layers": layers, "fit": {"min_sqnorm": 1e-30}}
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    scored = Scorer({"log_gaussian": det.to_dict(), "typicality": typ.to_dict()})(cols)
-    np.testing.assert_allclose(scored["ood_score"], det.ood_score(sqnorm_matrix(table, layers)))
-    np.testing.assert_allclose(scored["typicality"], typ.ood_score(cols["log_prob"]))
-    z = det.zscores(sqnorm_matrix(table, layers))
+    scored = Scorer(detector, "combined")(cols)
+    np.testing.assert_allclose(scored["ood_score"], suite.ood_score(x))
+    np.testing.assert_allclose(scored["p_value"], suite.p_value(x))
+    np.testing.assert_allclose(scored["score:typicality"], np.abs(-x[:, -1] + x[split == 0, -1].mean()))
+    paper = suite.tests_["paper"]
+    np.testing.assert_allclose(scored["score:paper"], paper.ood_score(x[:, :-1]))
+    p_paper = (1 + (suite.calibrators_["paper"].scores[None, :] >= scored["score:paper"][:, None]).sum(1)) / (
+        suite.calibrators_["paper"].n + 1
+    )
+    np.testing.assert_allclose(scored["p_value:paper"], p_paper)
+    assert set(scored["driver"]) <= {"paper", "fullcov", "typicality"}
+    z = paper.zscores(x[:, :-1])
     assert max(abs(v) for v in scored["top_z"][0]) == pytest.approx(np.abs(z[0]).max())
+    single = Scorer(detector, "typicality")(cols)
+    np.testing.assert_array_equal(single["ood_score"], scored["score:typicality"])
+    assert set(single["driver"]) == {"typicality"}
 
 
 def test_storage_same_path_for_local_and_file_uris(tmp_path):

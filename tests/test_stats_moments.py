@@ -39,6 +39,7 @@ def test_merge_of_random_pieces_matches_numpy(offset, scales, split_seed):
         np.testing.assert_allclose(m.variance(), np.var(values, axis=0), rtol=1e-9)
         np.testing.assert_allclose(m.variance(ddof=1), np.var(values, axis=0, ddof=1), rtol=1e-9)
         np.testing.assert_allclose(m.std(ddof=1), np.std(values, axis=0, ddof=1), rtol=1e-9)
+        np.testing.assert_allclose(m.covariance(ddof=1), np.cov(values, rowvar=False), rtol=1e-8)
 
 
 def test_one_chunk_is_two_pass_accurate_at_large_offset():
@@ -62,7 +63,7 @@ def test_empty_operands_and_identity():
     ):
         assert merged.count == 7
         np.testing.assert_array_equal(merged.mean, m.mean)
-        np.testing.assert_array_equal(merged.m2, m.m2)
+        np.testing.assert_array_equal(merged.comoment, m.comoment)
     assert Moments.merge_all([Moments.empty(3), Moments.empty(3)]).count == 0
 
 
@@ -74,7 +75,7 @@ def test_merge_result_does_not_alias_operands():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ValueError, match="features"):
         Moments.empty(2).merge(Moments.empty(3))
     with pytest.raises(ValueError, match="at least one"):
         Moments.merge_all([])
@@ -92,5 +93,14 @@ def test_dict_round_trip_through_json():
     back = Moments.from_dict(json.loads(json.dumps(m.to_dict())))
     assert back.count == m.count
     np.testing.assert_array_equal(back.mean, m.mean)
-    np.testing.assert_array_equal(back.m2, m.m2)
+    np.testing.assert_array_equal(back.comoment, m.comoment)
     assert back.mean.dtype == np.float64
+
+
+def test_select_gives_the_moments_of_a_column_subset():
+    rng = np.random.default_rng(6)
+    values = rng.normal(size=(50, 4)) @ rng.normal(size=(4, 4))
+    sub = Moments.from_values(values).select([3, 1])
+    direct = Moments.from_values(values[:, [3, 1]])
+    np.testing.assert_allclose(sub.mean, direct.mean, rtol=1e-12)
+    np.testing.assert_allclose(sub.comoment, direct.comoment, rtol=1e-12)

@@ -1,9 +1,12 @@
-"""The demo corpus the default job scores: held-out FashionMNIST beside three kinds of OOD images.
+"""Image corpora of held-out FashionMNIST beside OOD images: the demo the default job scores, and more.
 
-Everything is written as PNG files through PIL, so the demo takes the same list/read/decode path as a
-real corpus, and two broken files (a truncated PNG and an empty one) exercise the error path. The
-FashionMNIST rows come from the test split after the first ``id_start`` rows, which the detector is
-fitted on, so in-distribution demo images are never fit images.
+Every source is an entry of a small registry (name, near/far-OOD flag, description, builder), so the
+demo and larger evaluation corpora are built by the same :func:`build_image_corpus`. Everything is
+written as PNG files through PIL, so a corpus takes the same list/read/decode path as a real one, and
+two broken files (a truncated PNG and an empty one) can exercise the error path. FashionMNIST rows come
+from the test split after the first ``id_start`` rows, which the detector is fitted on, so
+in-distribution corpus images are never fit images; each FashionMNIST-derived source reads its own
+block of rows, so no test image appears twice in one corpus.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from gradood.data.fashion_mnist import fashion_mnist_origin, load_fashion_mnist
 
@@ -26,11 +33,66 @@ MANIFEST_FILE = "manifest.json"
 # bump when the generated content changes, so corpora built by older code are rebuilt
 _FORMAT_VERSION = 1
 
+#: (n, seed, FashionMNIST test images, first test row the source may use) -> uint8 [n, 28, 28];
+#: a source may use rows [first_row, first_row + n), sources without a row block ignore both
+Builder = Callable[[int, int, np.ndarray, int], np.ndarray]
+
+# fixed per-source offsets to ``seed``, so sources draw independent streams; noise keeps offset 0,
+# the stream the demo has always used
+_NOISE_SEED = 0
+_GLYPH_SEED = 1_000_003
+_PHOTO_SEED = 2_000_003
+
+GLYPH_CHARACTERS = string.ascii_letters + string.digits
+# faces shipped in matplotlib's mpl-data/fonts/ttf; listed, not globbed, so a matplotlib release that
+# adds a face does not change the glyphs drawn for a seed
+GLYPH_FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A registry entry; ``row_block`` k means FashionMNIST test rows [id_start + k*n, id_start + (k+1)*n)."""
+
+    name: str
+    far_ood: bool | None  # None: the in-distribution source
+    description: str
+    build: Builder
+    row_block: int | None = None
+    file_prefix: str = ""  # files of sources without a row block; row sources name files by test row
+
+    def file_names(self, n: int, first_row: int) -> list[str]:
+        if self.row_block is not None:
+            return [f"test-{first_row + k:05d}.png" for k in range(n)]
+        return [f"{self.file_prefix}-{k:04d}.png" for k in range(n)]
+
 
 def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _held_out(transform: Callable[[np.ndarray], np.ndarray]) -> Builder:
+    """A builder applying ``transform`` to the n test rows from ``first_row`` on."""
+
+    def build(n: int, seed: int, test_images: np.ndarray, first_row: int) -> np.ndarray:
+        return np.ascontiguousarray(transform(test_images[first_row : first_row + n]), dtype=np.uint8)
+
+    return build
+
+
+def _generated(make: Callable[[int, int], np.ndarray]) -> Builder:
+    """A builder of images made from (n, seed) alone, without FashionMNIST rows."""
+    return lambda n, seed, test_images, first_row: make(n, seed)
 
 
 def _digits(n: int) -> np.ndarray:
@@ -46,19 +108,160 @@ def _digits(n: int) -> np.ndarray:
     )
 
 
-def build_demo_corpus(
-    out_dir: str | Path, rows_per_source: int = 500, seed: int = 0, id_start: int = 5000
-) -> dict:
-    """Write the demo corpus under ``out_dir`` unless one with the same parameters is there; its manifest.
+def _uniform_noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed + _NOISE_SEED).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
 
-    Rebuilding (other parameters) replaces the corpus's own subfolders, so no files of an earlier,
-    larger build linger. The manifest is written last: an interrupted build is redone on the next call.
+
+@cache
+def _font(file_name: str, size: int) -> ImageFont.FreeTypeFont:
+    import matplotlib  # only for the fonts it bundles; slow import
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the DejaVu fonts bundled with matplotlib are missing")
+    return ImageFont.truetype(str(path), size)
+
+
+def _glyphs(n: int, seed: int) -> np.ndarray:
+    """Letters and digits in DejaVu faces, white on black, at random size, offset and small rotation.
+
+    Bright strokes on black, FashionMNIST's polarity, but no garment shape: far-OOD that a detector must
+    flag by content, not by an inverted background.
     """
+    rng = np.random.default_rng(seed + _GLYPH_SEED)
+    images = []
+    for _ in range(n):
+        char = GLYPH_CHARACTERS[rng.integers(len(GLYPH_CHARACTERS))]
+        font = _font(GLYPH_FONTS[rng.integers(len(GLYPH_FONTS))], int(rng.integers(14, 25)))
+        dx, dy = rng.integers(-3, 4, size=2)
+        canvas = Image.new("L", (28, 28), 0)
+        ImageDraw.Draw(canvas).text((14 + int(dx), 14 + int(dy)), char, fill=255, font=font, anchor="mm")
+        angle = float(rng.uniform(-15.0, 15.0))
+        images.append(np.asarray(canvas.rotate(angle, resample=Image.Resampling.BILINEAR)))
+    return np.stack(images)
+
+
+def _photo_patches(n: int, seed: int) -> np.ndarray:
+    """Random square crops (32..160 px) of scikit-learn's two sample photos, grayscale, resized to 28x28.
+
+    Natural-image texture, no black background: the far end of far-OOD for a FashionMNIST model.
+    """
+    from sklearn.datasets import load_sample_images  # bundled with scikit-learn, never downloaded
+
+    photos = [Image.fromarray(photo).convert("L") for photo in load_sample_images().images]
+    rng = np.random.default_rng(seed + _PHOTO_SEED)
+    images = []
+    for _ in range(n):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(32, 161))
+        left, top = int(rng.integers(photo.width - side + 1)), int(rng.integers(photo.height - side + 1))
+        crop = photo.crop((left, top, left + side, top + side))
+        images.append(np.asarray(crop.resize((28, 28), Image.Resampling.BILINEAR)))
+    return np.stack(images)
+
+
+_SOURCES = {
+    source.name: source
+    for source in (
+        _Source(DEMO_ID_SOURCE, None, "held-out FashionMNIST test rows", _held_out(lambda r: r), row_block=0),
+        _Source(
+            "digits",
+            True,
+            "scikit-learn 8x8 digits upscaled to 28x28",
+            _generated(lambda n, _: _digits(n)),
+            file_prefix="digit",
+        ),
+        _Source(
+            "fashion_mnist_inverted",
+            True,
+            "held-out FashionMNIST rows with inverted intensities (dark garments on white)",
+            _held_out(lambda r: 255 - r),
+            row_block=1,
+        ),
+        _Source(
+            "uniform_noise",
+            True,
+            "i.i.d. uniform 0..255 pixels",
+            _generated(_uniform_noise),
+            file_prefix="noise",
+        ),
+        _Source(
+            "fashion_mnist_vflip",
+            False,
+            "held-out FashionMNIST rows flipped upside down",
+            _held_out(lambda r: r[:, ::-1, :]),
+            row_block=2,
+        ),
+        _Source(
+            "fashion_mnist_hflip",
+            False,
+            "held-out FashionMNIST rows mirrored left-right (many garments are nearly symmetric)",
+            _held_out(lambda r: r[:, :, ::-1]),
+            row_block=3,
+        ),
+        _Source(
+            "glyphs",
+            True,
+            "letters and digits rendered in DejaVu fonts, white on black",
+            _generated(_glyphs),
+            file_prefix="glyph",
+        ),
+        _Source(
+            "photo_patches",
+            True,
+            "grayscale crops of scikit-learn's sample photos",
+            _generated(_photo_patches),
+            file_prefix="photo",
+        ),
+    )
+}
+
+#: every OOD source, the demo's first: what an evaluation corpus beside DEMO_ID_SOURCE holds
+EVALUATION_OOD_SOURCES = tuple(name for name, source in _SOURCES.items() if source.far_ood is not None)
+
+
+def _source(name: str) -> _Source:
+    if name not in _SOURCES:
+        raise ValueError(f"unknown image source {name!r}; known: {', '.join(_SOURCES)}")
+    return _SOURCES[name]
+
+
+def source_info(name: str) -> dict:
+    """``{"name", "far_ood", "description"}`` of a source; far_ood is None for the in-distribution one."""
+    source = _source(name)
+    return {"name": source.name, "far_ood": source.far_ood, "description": source.description}
+
+
+def build_image_corpus(
+    out_dir: str | Path,
+    sources: Sequence[str],
+    rows_per_source: int,
+    seed: int = 0,
+    id_start: int = 5000,
+    include_corrupt: bool = False,
+) -> dict:
+    """Write ``rows_per_source`` PNGs per source under ``out_dir/<source>/``; the corpus's manifest.
+
+    ``include_corrupt`` adds a ``corrupt`` folder (the corpus's first PNG cut in half, and an empty
+    file) for the error path. Nothing is written when a corpus with the same parameters is there.
+    Rebuilding replaces every folder a registry source (or the corrupt files) would use, so neither
+    files of an earlier, larger build nor folders of sources no longer selected linger. The manifest is
+    written last: an interrupted build is redone on the next call.
+    """
+    selected = [_source(name) for name in sources]
+    names = [source.name for source in selected]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"sources must be a non-empty list of distinct names, got {names}")
+    n = rows_per_source
+    if n < 1 or id_start < 0:
+        raise ValueError(f"need rows_per_source >= 1 and id_start >= 0, got {n} and {id_start}")
     out_dir = Path(out_dir)
     params = {
-        "rows_per_source": rows_per_source,
+        "sources": names,
+        "rows_per_source": n,
         "seed": seed,
         "id_start": id_start,
+        "include_corrupt": include_corrupt,
         "version": _FORMAT_VERSION,
     }
     manifest_path = out_dir / MANIFEST_FILE
@@ -67,49 +270,54 @@ def build_demo_corpus(
         if manifest.get("params") == params:
             return manifest
 
-    n = rows_per_source
-    test_images, _ = load_fashion_mnist("test")
-    if n < 1 or id_start < 0 or id_start + 2 * n > len(test_images):
+    blocks = max((s.row_block + 1 for s in selected if s.row_block is not None), default=0)
+    test_images = load_fashion_mnist("test")[0] if blocks else np.empty((0, 28, 28), np.uint8)
+    if blocks and id_start + blocks * n > len(test_images):
         raise ValueError(
-            f"need 1 <= rows_per_source and id_start + 2 * rows_per_source <= {len(test_images)} "
-            f"(FashionMNIST test rows), got rows_per_source={n}, id_start={id_start}"
+            f"sources {names} need FashionMNIST test rows [id_start, id_start + {blocks} * rows_per_source) "
+            f"= [{id_start}, {id_start + blocks * n}), but the test split has {len(test_images)} rows"
         )
-    noise = np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-    sources = {
-        DEMO_ID_SOURCE: {f"test-{i:05d}.png": test_images[i] for i in range(id_start, id_start + n)},
-        "digits": {f"digit-{i:04d}.png": image for i, image in enumerate(_digits(n))},
-        "fashion_mnist_inverted": {
-            f"test-{i:05d}.png": 255 - test_images[i] for i in range(id_start + n, id_start + 2 * n)
-        },
-        "uniform_noise": {f"noise-{i:04d}.png": image for i, image in enumerate(noise)},
-    }
-    real_png = _png(test_images[id_start])
-    corrupt = {"truncated.png": real_png[: len(real_png) // 2], "empty.png": b""}
+    folders: dict[str, dict[str, bytes]] = {}
+    for source in selected:
+        first_row = id_start + (source.row_block or 0) * n
+        images = source.build(n, seed, test_images, first_row)
+        folders[source.name] = {
+            file_name: _png(image)
+            for file_name, image in zip(source.file_names(n, first_row), images, strict=True)
+        }
+    if include_corrupt:
+        real_png = next(iter(folders[names[0]].values()))
+        folders[DEMO_CORRUPT_SOURCE] = {"truncated.png": real_png[: len(real_png) // 2], "empty.png": b""}
 
     manifest_path.unlink(missing_ok=True)
-    for name in (*sources, DEMO_CORRUPT_SOURCE):
+    for name in (*_SOURCES, DEMO_CORRUPT_SOURCE):
         shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name, folder in folders.items():
         (out_dir / name).mkdir(parents=True)
-    for name, images in sources.items():
-        for file_name, image in images.items():
-            (out_dir / name / file_name).write_bytes(_png(image))
-    for file_name, raw in corrupt.items():
-        (out_dir / DEMO_CORRUPT_SOURCE / file_name).write_bytes(raw)
+        for file_name, raw in folder.items():
+            (out_dir / name / file_name).write_bytes(raw)
 
     manifest = {
         "params": params,
-        "counts": {
-            **{name: len(images) for name, images in sources.items()},
-            DEMO_CORRUPT_SOURCE: len(corrupt),
-        },
-        "id_source": DEMO_ID_SOURCE,
-        "ood_sources": list(DEMO_OOD_SOURCES),
+        "counts": {name: len(folder) for name, folder in folders.items()},
+        "id_source": next((s.name for s in selected if s.far_ood is None), None),
+        "ood_sources": [s.name for s in selected if s.far_ood is not None],
+        "sources": {name: source_info(name) for name in names},
         "fashion_mnist_origin": fashion_mnist_origin(),
     }
     partial = manifest_path.with_suffix(".json.partial")
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     partial.replace(manifest_path)
     return manifest
+
+
+def build_demo_corpus(
+    out_dir: str | Path, rows_per_source: int = 500, seed: int = 0, id_start: int = 5000
+) -> dict:
+    """The demo corpus (FashionMNIST, the three demo OOD sources, two corrupt files); its manifest."""
+    return build_image_corpus(
+        out_dir, (DEMO_ID_SOURCE, *DEMO_OOD_SOURCES), rows_per_source, seed, id_start, include_corrupt=True
+    )
 
 
 def demo_source_of(row_id: str) -> str:

@@ -360,7 +360,9 @@ class TorchvisionSource(CorpusSource):
     """``torchvision://Name?split=train|test&root=DIR&download=false``; id = f"{Name}:{split}:{index}".
 
     FashionMNIST goes through :func:`load_fashion_mnist` (Debian files first); other datasets are
-    constructed from ``torchvision.datasets`` with ``train=`` or ``split=``, whichever they take.
+    constructed from ``torchvision.datasets`` with ``train=`` or ``split=``, whichever they take, or
+    ``background=`` (Omniglot: train is its background set, the one meant for training, test its
+    evaluation set).
     """
 
     kind = "torchvision"
@@ -394,7 +396,9 @@ class TorchvisionSource(CorpusSource):
             return {"train": self.split == "train"}
         if "split" in parameters:
             return {"split": self.split}
-        raise ValueError(f"{self.uri}: {self.name} takes neither train= nor split=")
+        if "background" in parameters:
+            return {"background": self.split == "train"}
+        raise ValueError(f"{self.uri}: {self.name} takes none of train=, split=, background=")
 
     def _dataset(self) -> Any:
         def build() -> Any:

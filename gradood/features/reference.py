@@ -60,7 +60,7 @@ class GroupSqNorms:
         self.out[first : first + n_closed] = sums[:n_closed].flatten(1).square().sum(1)
 
 
-class _LogProbCall(nn.Module):
+class LogProbCall(nn.Module):
     """Makes ``log_prob`` the forward that ``functional_call`` runs."""
 
     def __init__(self, model: DensityModel):
@@ -69,6 +69,11 @@ class _LogProbCall(nn.Module):
 
     def forward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.log_prob(x, noise)
+
+
+def vmap_chunk_rows(x: torch.Tensor, numel: int) -> int:
+    """Rows per vmap chunk so that their gradients, ``numel`` elements each, fit the budget."""
+    return max(1, VMAP_GRAD_BUDGET_BYTES // (x.element_size() * max(numel, 1)))
 
 
 def per_row_grads(
@@ -86,7 +91,7 @@ def per_row_grads(
     """
     all_params = trainable_parameters(model)
     params = {name: all_params[name].detach() for name in names}
-    call = _LogProbCall(model)
+    call = LogProbCall(model)
 
     def row_log_prob(params: dict[str, torch.Tensor], x_row: torch.Tensor, noise_row: dict) -> torch.Tensor:
         prefixed = {f"model.{name}": p for name, p in params.items()}
@@ -95,8 +100,7 @@ def per_row_grads(
 
     per_row = vmap(grad_and_value(row_log_prob), in_dims=(None, 0, 0))
     if chunk_size is None:
-        numel = sum(p.numel() for p in params.values())
-        chunk_size = max(1, VMAP_GRAD_BUDGET_BYTES // (x.element_size() * max(numel, 1)))
+        chunk_size = vmap_chunk_rows(x, sum(p.numel() for p in params.values()))
     for start in range(0, len(x), chunk_size):
         rows = slice(start, start + chunk_size)
         with torch.no_grad():  # vmap(grad) still differentiates inside; this stops outer graph building

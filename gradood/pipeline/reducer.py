@@ -1,7 +1,7 @@
-"""Fit-set reduction: merge per-shard sufficient statistics of log f_j as shards finish.
+"""Fit-set reduction: merge per-shard sufficient statistics of [log f_j, log p] as shards finish.
 
-``FitReducer`` is a plain class; ray_job runs it as an actor. It never holds the only copy of anything:
-every statistic it merges is recomputable from the fit-set feature Parquet files
+``FitReducer`` is a plain class; the pipeline runs it as an actor. It never holds the only copy of
+anything: every statistic it merges is recomputable from the fit-set feature Parquet files
 (:func:`moments_from_parquet`), which is what the driver does when the actor dies.
 """
 
@@ -10,39 +10,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow.compute as pc
+
 from gradood.pipeline import storage
-from gradood.pipeline.tables import sqnorm_matrix, table_metadata
-from gradood.stats.detector import log_features
+from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, table_metadata
 from gradood.stats.moments import Moments
 
 
 class FitReducer:
-    """Chan-merges per-shard (count, mean, M2) of log f_j and of -log p; idempotent per shard index."""
+    """Chan-merges per-shard (count, mean, co-moments) of the fit rows; idempotent per shard index."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.logf = Moments.empty(num_layers)
-        self.nll = Moments.empty(1)
+    def __init__(self, num_features: int) -> None:
+        self.moments = Moments.empty(num_features)
         self.shards: set[int] = set()
 
-    def add(self, shard: int, logf_moments: dict[str, Any], nll_moments: dict[str, Any]) -> int:
+    def add(self, shard: int, moments: dict[str, Any]) -> int:
         if shard not in self.shards:  # Ray Data may re-run a shard after a worker failure
             self.shards.add(shard)
-            self.logf = self.logf.merge(Moments.from_dict(logf_moments))
-            self.nll = self.nll.merge(Moments.from_dict(nll_moments))
+            self.moments = self.moments.merge(Moments.from_dict(moments))
         return len(self.shards)
 
     def result(self) -> dict[str, Any]:
-        return {"shards": sorted(self.shards), "logf": self.logf.to_dict(), "nll": self.nll.to_dict()}
+        return {"shards": sorted(self.shards), "moments": self.moments.to_dict()}
 
 
-def moments_from_parquet(
-    features_uri: str, layer_names: Sequence[str], min_sqnorm: float
-) -> tuple[Moments, Moments, list[int]]:
-    """Recompute the reducer's result from the fit-set feature files, one file at a time."""
-    logf, nll, shards = Moments.empty(len(layer_names)), Moments.empty(1), []
+def moments_from_parquet(features_uri: str, layer_names: Sequence[str], min_sqnorm: float) -> Moments:
+    """Recompute the reducer's result from the fit-set feature files' fit rows, one file at a time."""
+    moments = Moments.empty(len(layer_names) + 1)
     for path in storage.list_files(features_uri):
         table = storage.read_parquet(path)
-        shards.append(int(table_metadata(table)["shard"]))
-        logf = logf.merge(Moments.from_values(log_features(sqnorm_matrix(table, layer_names), min_sqnorm)))
-        nll = nll.merge(Moments.from_values(-table.column("log_prob").to_numpy()[:, None]))
-    return logf, nll, sorted(shards)
+        table_metadata(table)  # a stray non-gradood file is an error, not silently merged
+        fit_rows = table.filter(pc.equal(table.column(SPLIT_COLUMN), 0))
+        moments = moments.merge(Moments.from_values(feature_matrix(fit_rows, layer_names, min_sqnorm)))
+    return moments

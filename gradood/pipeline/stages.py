@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 import gradood
@@ -20,10 +21,13 @@ from gradood.features import extract_features
 from gradood.models.base import DensityModel
 from gradood.models.checkpoint import model_from_bytes
 from gradood.pipeline import storage
-from gradood.pipeline.tables import error_table, feature_table, sqnorm_matrix
-from gradood.seeding import draw_noise
-from gradood.stats.detector import LogGaussianDetector, TypicalityTest, log_features
+from gradood.pipeline.tables import error_table, feature_matrix, feature_table, suite_feature_names
+from gradood.seeding import draw_noise, row_uniforms
 from gradood.stats.moments import Moments
+from gradood.stats.suite import DetectorSuite, split_of
+
+#: the stream of the per-row uniform that assigns held-out rows to fit / calibration parts
+SPLIT_STREAM = "calibration-split"
 
 
 @dataclass
@@ -142,14 +146,17 @@ class ExtractSettings:
     min_sqnorm: float
     image: dict[str, Any]
     torch_threads: int = 1
+    #: fit-set runs: share of rows held out for calibration (a ``split`` column, moments of fit rows only)
+    calibration_fraction: float | None = None
 
 
 class ShardFeatureWriter:
     """Ray Data stage: shard descriptors in, one Parquet file of features (and of errors) per shard out.
 
-    Returns one summary row per shard with counts and the sufficient statistics (count, mean, M2) of
-    log f_j and of -log p, which the driver streams to the reducer as shards finish. Output files are
-    named by shard index, so a retried or rerun shard overwrites itself instead of duplicating rows.
+    Returns one summary row per shard with counts and, for fit-set runs, the sufficient statistics
+    (count, mean, co-moments) of [log f_j, log p] over the shard's fit rows, which the driver streams to
+    the reducer as shards finish. Output files are named by shard index, so a retried or rerun shard
+    overwrites itself instead of duplicating rows.
     """
 
     def __init__(
@@ -191,6 +198,9 @@ class ShardFeatureWriter:
             device=self.device,
         )
         feats, errors = drop_non_finite(feats, rows.errors)
+        split = None
+        if s.calibration_fraction is not None:
+            split = split_of(row_uniforms(s.seed, feats.ids, SPLIT_STREAM), s.calibration_fraction)
         name = f"part-{shard.index:06d}.parquet"
         table = feature_table(
             feats.ids,
@@ -201,12 +211,15 @@ class ShardFeatureWriter:
             feats.layer_names,
             {**self.file_metadata(), "shard": shard.index},
             member_ids=feats.member_ids if s.group_size > 1 else None,
+            split=split,
         )
         storage.write_parquet(table, storage.join(s.features_uri, name))
         if errors:
             storage.write_parquet(error_table(errors), storage.join(s.errors_uri, name))
-        logf = Moments.from_values(log_features(feats.sqnorms, s.min_sqnorm))
-        nll = Moments.from_values(-feats.log_prob[:, None])
+        moments = None
+        if split is not None:
+            fit_rows = feature_matrix(table, feats.layer_names, s.min_sqnorm)[split == 0]
+            moments = Moments.from_values(fit_rows).to_dict()
         return {
             "shard": shard.index,
             "rows_in": shard.num_rows,
@@ -214,8 +227,7 @@ class ShardFeatureWriter:
             "rows_rejected": len(errors),
             "feature_rows": len(feats.ids),
             "seconds": time.perf_counter() - t0,
-            "logf_moments": logf.to_dict(),
-            "nll_moments": nll.to_dict(),
+            "moments": moments,
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -224,27 +236,38 @@ class ShardFeatureWriter:
 
 
 class Scorer:
-    """Ray Data stage: feature rows in, OOD score, typicality baseline and the 3 most deviant layers out."""
+    """Ray Data stage: feature rows in; every test's score and p-value, the chosen test's, the 3 most
+    deviant layers and the component that drove the combined p-value out (flags need the whole run)."""
 
-    def __init__(self, detector: dict[str, Any], top_k: int = 3) -> None:
-        self.detector = LogGaussianDetector.from_dict(detector["log_gaussian"])
-        self.typicality = TypicalityTest.from_dict(detector["typicality"])
+    def __init__(self, detector: dict[str, Any], test: str, top_k: int = 3) -> None:
+        self.suite = DetectorSuite.from_dict(detector["suite"])
+        self.layers = list(detector["layers"])
+        self.min_sqnorm = float(detector["fit"]["min_sqnorm"])
+        self.columns = suite_feature_names(self.layers)
+        self.test = test
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sq = sqnorm_matrix(batch, self.detector.all_layer_names_)
-        log_prob = np.asarray(batch["log_prob"], np.float64)
-        names, z = self.detector.top_layers(sq, k=self.top_k)
+        x = pd.DataFrame(
+            feature_matrix(batch, self.layers, self.min_sqnorm), columns=self.columns, copy=False
+        )
+        results = self.suite.score_all(x)
+        names, z = self.suite.top_layers(x, k=self.top_k)
+        chosen = results[self.test]
         out = {
             "id": np.asarray(batch["id"]),
-            "ood_score": self.detector.ood_score(sq),
-            "typicality": self.typicality.ood_score(log_prob),
-            "log_prob": log_prob,
+            "ood_score": chosen["score"],
+            "p_value": chosen["p_index"] / (self.suite.calibration_size(self.test) + 1),
+            "driver": results["driver"] if self.test == "combined" else np.full(len(x), self.test, object),
+            "log_prob": np.asarray(batch["log_prob"], np.float64),
             "n_rows": np.asarray(batch["n_rows"]),
             "row_index": np.asarray(batch["row_index"]),
             "top_layers": list_column([list(n) for n in names]),
             "top_z": list_column([list(map(float, r)) for r in z]),
         }
+        for name in self.suite.tests_:
+            out[f"score:{name}"] = results[name]["score"]
+            out[f"p_value:{name}"] = results[name]["p_index"] / (self.suite.calibration_size(name) + 1)
         if "member_ids" in batch:
             out["member_ids"] = list_column([[str(m) for m in ms] for ms in batch["member_ids"]])
         return out

@@ -1,10 +1,12 @@
 """Parquet layouts of gradood's outputs: plain columns plus a JSON ``gradood`` schema-metadata entry, so
 pandas, pyarrow or duckdb read them without gradood.
 
-features/  id, row_index, n_rows, [member_ids], log_prob, one float64 column ``sqnorm:<parameter name>``
-           per layer (squared gradient norm), metadata: layers, model fingerprint, group_size, seed, ...
+features/  id, row_index, n_rows, [member_ids], [split], log_prob, one float64 column
+           ``sqnorm:<parameter name>`` per layer (squared gradient norm), metadata: layers, model
+           fingerprint, group_size, seed, ...; ``split`` (fit-set features only): 0 fit, 1 and 2 calibration
 errors/    id, row_index, error
-scores/    id, rank, ood_score, typicality, log_prob, n_rows, top_layers, top_z, [member_ids]
+scores/    id, rank, ood_score, p_value, q_value, flagged, driver, log_prob, n_rows, top_layers, top_z,
+           ``score:<test>`` and ``p_value:<test>`` for every single test, [member_ids]
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gradood.stats.detectors import log_features
+from gradood.stats.suite import LOG_PROB_COLUMN
+
 SQNORM_PREFIX = "sqnorm:"
 METADATA_KEY = b"gradood"
+SPLIT_COLUMN = "split"
 
 
 def sqnorm_column(layer: str) -> str:
@@ -33,6 +39,7 @@ def feature_table(
     layer_names: Sequence[str],
     metadata: dict[str, Any],
     member_ids: Sequence[Sequence[str]] | None = None,
+    split: np.ndarray | None = None,
 ) -> pa.Table:
     if sqnorms.shape != (len(ids), len(layer_names)):
         raise ValueError(f"sqnorms has shape {sqnorms.shape}, expected ({len(ids)}, {len(layer_names)})")
@@ -43,6 +50,8 @@ def feature_table(
     }
     if member_ids is not None:
         columns["member_ids"] = pa.array([list(m) for m in member_ids], pa.list_(pa.string()))
+    if split is not None:
+        columns[SPLIT_COLUMN] = pa.array(np.asarray(split, np.int8))
     columns["log_prob"] = pa.array(np.asarray(log_prob, np.float64))
     for j, layer in enumerate(layer_names):
         columns[sqnorm_column(layer)] = pa.array(np.ascontiguousarray(sqnorms[:, j], np.float64))
@@ -66,6 +75,19 @@ def sqnorm_matrix(columns: dict[str, np.ndarray] | pa.Table, layer_names: Sequen
     else:
         cols = [np.asarray(columns[sqnorm_column(n)]) for n in layer_names]
     return np.stack(cols, axis=1).astype(np.float64) if cols else np.zeros((0, 0))
+
+
+def feature_matrix(
+    columns: dict[str, np.ndarray] | pa.Table, layer_names: Sequence[str], min_sqnorm: float
+) -> np.ndarray:
+    """The detector suite's input ``[N, L + 1]``: log f_j per layer (floored at min_sqnorm), then log p."""
+    log_prob = columns["log_prob"] if isinstance(columns, dict) else columns.column("log_prob").to_numpy()
+    logs = log_features(sqnorm_matrix(columns, layer_names), min_sqnorm)
+    return np.column_stack([logs, np.asarray(log_prob, np.float64)])
+
+
+def suite_feature_names(layer_names: Sequence[str]) -> list[str]:
+    return [*layer_names, LOG_PROB_COLUMN]
 
 
 def error_table(errors: Sequence[tuple[str, int, str]]) -> pa.Table:

@@ -1,8 +1,10 @@
-"""Mergeable sufficient statistics (count, mean, sum of squared deviations) of per-layer values.
+"""Mergeable sufficient statistics (count, mean, co-moment matrix) of per-row feature vectors.
 
 Shards of the fit set are summarised independently and merged in any order and grouping (Chan,
-Golub & LeVeque 1979), so a distributed reducer gets the same Gaussian fit as a single pass. Sums
-of squares would cancel catastrophically for values far from zero; deviations from the mean do not.
+Golub & LeVeque 1979), so a distributed reducer gets the same fit as a single pass. The co-moment
+matrix C = sum_i (x_i - mean)(x_i - mean)^T carries both the per-layer variances (its diagonal, what
+the paper's diagonal Gaussian needs) and the covariances a full-covariance Gaussian needs. Sums of
+squares would cancel catastrophically for values far from zero; deviations from the mean do not.
 """
 
 from __future__ import annotations
@@ -36,72 +38,93 @@ def as_matrix(values: np.ndarray, what: str) -> np.ndarray:
 
 @dataclass
 class Moments:
-    """Count, mean and sum of squared deviations (``m2``) per layer; ``mean``/``m2`` float64 ``[L]``."""
+    """Count, mean ``[L]`` and co-moment matrix ``[L, L]`` (sum of outer products of deviations)."""
 
     count: int
     mean: np.ndarray
-    m2: np.ndarray
+    comoment: np.ndarray
 
     def __post_init__(self) -> None:
         self.count = int(self.count)
         self.mean = np.asarray(self.mean, dtype=np.float64)
-        self.m2 = np.asarray(self.m2, dtype=np.float64)
-        if self.count < 0 or self.mean.ndim != 1 or self.mean.shape != self.m2.shape:
+        self.comoment = np.asarray(self.comoment, dtype=np.float64)
+        n = self.mean.shape[0] if self.mean.ndim == 1 else -1
+        if self.count < 0 or self.mean.ndim != 1 or self.comoment.shape != (n, n):
             raise ValueError(
-                f"invalid moments: count={self.count}, mean shape {self.mean.shape}, m2 shape {self.m2.shape}"
+                f"invalid moments: count={self.count}, mean shape {self.mean.shape}, "
+                f"comoment shape {self.comoment.shape}"
             )
 
     @property
-    def num_layers(self) -> int:
+    def num_features(self) -> int:
         return self.mean.shape[0]
 
+    @property
+    def m2(self) -> np.ndarray:
+        """Per-feature sum of squared deviations (the co-moment diagonal)."""
+        return np.diagonal(self.comoment).copy()
+
     @classmethod
-    def empty(cls, num_layers: int) -> Moments:
-        return cls(0, np.zeros(num_layers), np.zeros(num_layers))
+    def empty(cls, num_features: int) -> Moments:
+        return cls(0, np.zeros(num_features), np.zeros((num_features, num_features)))
 
     @classmethod
     def from_values(cls, values: np.ndarray) -> Moments:
-        """Two passes over one chunk ``[N, L]``: the mean first, then squared deviations from it."""
+        """Two passes over one chunk ``[N, L]``: the mean first, then outer products of deviations."""
         values = as_matrix(values, "Moments.from_values")
         check_finite(values, "Moments.from_values")
         if values.shape[0] == 0:
             return cls.empty(values.shape[1])
         mean = values.mean(axis=0)
-        return cls(values.shape[0], mean, np.square(values - mean).sum(axis=0))
+        centred = values - mean
+        return cls(values.shape[0], mean, centred.T @ centred)
 
     def merge(self, other: Moments) -> Moments:
-        """Statistics of the union of both chunks (Chan et al.'s pairwise update)."""
-        if other.num_layers != self.num_layers:
-            raise ValueError(f"cannot merge moments of {self.num_layers} and {other.num_layers} layers")
+        """Statistics of the union of both chunks (Chan et al.'s pairwise update, with co-moments)."""
+        if other.num_features != self.num_features:
+            raise ValueError(f"cannot merge moments of {self.num_features} and {other.num_features} features")
         if other.count == 0:
-            return Moments(self.count, self.mean.copy(), self.m2.copy())
+            return Moments(self.count, self.mean.copy(), self.comoment.copy())
         if self.count == 0:
-            return Moments(other.count, other.mean.copy(), other.m2.copy())
+            return Moments(other.count, other.mean.copy(), other.comoment.copy())
         count = self.count + other.count
         delta = other.mean - self.mean
         # stepping from one mean by a fraction of delta keeps the large common offset out of the sum
         mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / count)
-        return Moments(count, mean, m2)
+        comoment = (
+            self.comoment + other.comoment + np.outer(delta, delta) * (self.count * other.count / count)
+        )
+        return Moments(count, mean, comoment)
 
     @classmethod
     def merge_all(cls, parts: Iterable[Moments]) -> Moments:
         parts = list(parts)
         if not parts:
-            raise ValueError("merge_all needs at least one Moments (the layer count is unknown otherwise)")
+            raise ValueError("merge_all needs at least one Moments (the feature count is unknown otherwise)")
         return functools.reduce(cls.merge, parts)
 
-    def variance(self, ddof: int = 0) -> np.ndarray:
+    def select(self, columns: np.ndarray | list[int]) -> Moments:
+        """The statistics of a subset of the features (what a detector on those columns needs)."""
+        idx = np.asarray(columns, dtype=np.int64)
+        return Moments(self.count, self.mean[idx], self.comoment[np.ix_(idx, idx)])
+
+    def _dof(self, ddof: int) -> int:
         if self.count - ddof <= 0:
             raise ValueError(f"variance with ddof={ddof} needs more than {ddof} rows, have {self.count}")
-        return self.m2 / (self.count - ddof)
+        return self.count - ddof
+
+    def variance(self, ddof: int = 0) -> np.ndarray:
+        return self.m2 / self._dof(ddof)
 
     def std(self, ddof: int = 0) -> np.ndarray:
         return np.sqrt(self.variance(ddof))
 
+    def covariance(self, ddof: int = 0) -> np.ndarray:
+        return self.comoment / self._dof(ddof)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+        return {"count": self.count, "mean": self.mean.tolist(), "comoment": self.comoment.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Moments:
-        return cls(d["count"], np.asarray(d["mean"], dtype=np.float64), np.asarray(d["m2"], dtype=np.float64))
+        return cls(d["count"], np.asarray(d["mean"], np.float64), np.asarray(d["comoment"], np.float64))

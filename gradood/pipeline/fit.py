@@ -1,0 +1,177 @@
+"""Fit the detector suite: fit-set features -> reducer -> single tests, calibrated; or reuse a saved one.
+
+The held-out rows of ``fit.uri`` go through the same distributed extraction as any corpus. Each row's
+part (fit, calibration 1, calibration 2) is a hash of (seed, row id), so it does not depend on the shard
+layout. The reducer merges the fit rows' moments as shards finish; the calibration rows (a few thousand
+at most) are read back from Parquet by the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import ray
+
+import gradood
+from gradood.config import ScoreCorpusConfig
+from gradood.data.sources import open_source
+from gradood.pipeline import storage
+from gradood.pipeline.extract import log, run_extraction
+from gradood.pipeline.reducer import FitReducer, moments_from_parquet
+from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, suite_feature_names
+from gradood.stats.moments import Moments
+from gradood.stats.suite import DetectorSuite
+
+DETECTOR_FORMAT = 2
+
+
+def fit_settings(cfg: ScoreCorpusConfig) -> dict[str, Any]:
+    """Everything a saved detector must match to be reused (JSON types, compared as they are)."""
+    return {
+        "uri": cfg.fit.uri,
+        "start": cfg.fit.start,
+        "size": cfg.fit.size,
+        "min_sqnorm": cfg.fit.min_sqnorm,
+        "min_std": cfg.fit.min_std,
+        "calibration_fraction": cfg.fit.calibration_fraction,
+        "components": [c.value for c in cfg.detect.components],
+        "combination": cfg.detect.combination.value,
+        "seed": cfg.seed,
+        "image": dataclasses.asdict(cfg.image),
+    }
+
+
+def check_detector(detector: dict[str, Any], fingerprint: str, group_size: int, where: str) -> None:
+    """Refuse a detector of another format, fitted for another model or another set size."""
+    if detector.get("format_version") != DETECTOR_FORMAT:
+        raise ValueError(
+            f"detector {where} has format_version {detector.get('format_version')!r}, this gradood reads "
+            f"format_version {DETECTOR_FORMAT} (calibrated tests): refit it with fit.refit=true"
+        )
+    if detector.get("model_fingerprint") != fingerprint:
+        raise ValueError(
+            f"detector {where} was fitted for model {str(detector.get('model_fingerprint'))[:12]}, "
+            f"but the model loaded now has fingerprint {fingerprint[:12]}: refit it (fit.refit=true) "
+            "or point output.detector_uri elsewhere"
+        )
+    if detector.get("group_size") != group_size:
+        raise ValueError(
+            f"detector {where} was fitted with group_size={detector.get('group_size')}, this run uses "
+            f"extract.group_size={group_size}: refit it (fit.refit=true) or use a matching group size"
+        )
+
+
+def start_reducer(num_features: int) -> ray.actor.ActorHandle:
+    # no restarts: a restarted actor would come back empty; the driver recomputes from Parquet instead
+    return ray.remote(FitReducer).options(num_cpus=0, max_restarts=0).remote(num_features)
+
+
+def _reduced_moments(
+    reducer: ray.actor.ActorHandle,
+    n_shards: int,
+    features_uri: str,
+    layer_names: list[str],
+    min_sqnorm: float,
+) -> Moments:
+    try:
+        merged = ray.get(reducer.result.remote())
+        if len(merged["shards"]) != n_shards:
+            raise RuntimeError(f"reducer saw {len(merged['shards'])} of {n_shards} shards")
+        return Moments.from_dict(merged["moments"])
+    except (ray.exceptions.RayActorError, RuntimeError) as err:
+        log(
+            f"reducer result unavailable ({type(err).__name__}: {err}); "
+            f"recomputing the fit from {features_uri}"
+        )
+        return moments_from_parquet(features_uri, layer_names, min_sqnorm)
+    finally:
+        ray.kill(reducer)
+
+
+def fit_detector(
+    cfg: ScoreCorpusConfig, out: str, weights: bytes, model_meta: dict[str, Any], layer_names: list[str]
+) -> dict[str, Any]:
+    source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=cfg.fit.size)
+    reducer = start_reducer(len(layer_names) + 1)
+    fit_out = storage.join(out, "fit")
+
+    def send(summary: dict[str, Any]) -> None:
+        reducer.add.remote(int(summary["shard"]), summary["moments"])
+
+    totals = run_extraction(
+        "fit-set features",
+        source,
+        fit_out,
+        weights,
+        model_meta,
+        cfg,
+        on_shard=send,
+        calibration_fraction=cfg.fit.calibration_fraction,
+    )
+    features_uri = storage.join(fit_out, "features")
+    moments = _reduced_moments(reducer, totals.shards, features_uri, layer_names, cfg.fit.min_sqnorm)
+    table = storage.read_parquet(features_uri)
+    calibration = table.filter(pc.greater(table.column(SPLIT_COLUMN), 0))
+    x = feature_matrix(calibration, layer_names, cfg.fit.min_sqnorm)
+    part = calibration.column(SPLIT_COLUMN).to_numpy()
+    if moments.count < 2 or not ((part == 1).any() and (part == 2).any()):
+        raise ValueError(
+            f"fit set too small: {moments.count} fit rows and {int((part == 1).sum())} + "
+            f"{int((part == 2).sum())} calibration rows; raise fit.size or change fit.calibration_fraction"
+        )
+    suite = DetectorSuite(
+        components=tuple(c.value for c in cfg.detect.components),
+        combination=cfg.detect.combination.value,
+        min_std=cfg.fit.min_std,
+        calibration_fraction=cfg.fit.calibration_fraction,
+        random_state=cfg.seed,
+    ).fit_parts(moments, x[part == 1], x[part == 2], suite_feature_names(layer_names))
+    paper = suite.tests_["paper"]
+    dropped = [n for n, kept in zip(layer_names, np.asarray(paper.kept_, bool), strict=True) if not kept]
+    log(
+        f"detector fitted on {moments.count} feature rows, calibrated on {suite.n_calibration_[0]} + "
+        f"{suite.n_calibration_[1]} ({totals.rows_scored} images, {totals.rows_rejected} rejected); "
+        f"{len(dropped)} of {len(layer_names)} layers dropped for zero variance"
+    )
+    return {
+        "format_version": DETECTOR_FORMAT,
+        "gradood_version": gradood.__version__,
+        "model_fingerprint": model_meta["fingerprint"],
+        "model": {"name": model_meta["model"], "params": model_meta["params"]},
+        "group_size": cfg.extract.group_size,
+        "method": cfg.extract.method,
+        "fit": {
+            **fit_settings(cfg),
+            "source": source.describe(),
+            "n_rows": totals.rows_scored,
+            "n_rejected": totals.rows_rejected,
+            "n_feature_rows": table.num_rows,
+            "n_fit_rows": int(moments.count),
+            "n_calibration_rows": list(suite.n_calibration_),
+        },
+        "layers": layer_names,
+        "dropped_layers": dropped,
+        "suite": suite.to_dict(),
+    }
+
+
+def load_or_fit_detector(
+    cfg: ScoreCorpusConfig, out: str, weights: bytes, model_meta: dict[str, Any], layer_names: list[str]
+) -> dict[str, Any]:
+    uri = storage.absolute(cfg.output.detector_uri or storage.join(out, "detector.json"))
+    if storage.exists(uri) and not cfg.fit.refit:
+        detector = storage.read_json(uri)
+        check_detector(detector, model_meta["fingerprint"], cfg.extract.group_size, uri)
+        if {k: v for k, v in detector["fit"].items() if k in fit_settings(cfg)} != fit_settings(cfg):
+            raise ValueError(
+                f"detector {uri} was fitted with other fit.* or detect.* settings: rerun with fit.refit=true"
+            )
+        log(f"reusing detector {uri} (fitted on {detector['fit']['n_rows']} rows)")
+        return detector
+    detector = fit_detector(cfg, out, weights, model_meta, layer_names)
+    storage.write_json(uri, detector)
+    log(f"detector written to {uri}")
+    return detector

@@ -1,0 +1,75 @@
+"""Scoring: every feature row through the detector suite on Ray, then rank, q-values and flags.
+
+Flags are Benjamini-Hochberg (or Yekutieli) over the whole run's p-values at ``flag.fdr``: the rows a
+person should look at, with the expected share of in-distribution rows among them at most that rate.
+Conformal p-values take the values k / (n_cal + 1), so q-values come from a histogram of k.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from gradood.config import ScoreCorpusConfig
+from gradood.pipeline import storage
+from gradood.pipeline.stages import Scorer
+from gradood.stats.conformal import fdr_flags, q_values_from_index
+from gradood.stats.suite import DetectorSuite
+
+SCORE_CONVENTION = (
+    "ood_score: the chosen test's statistic, higher = more OOD, rank 1 = most OOD; p_value: conformal "
+    "p-value against held-out in-distribution calibration rows; q_value: BH/BY-adjusted; flagged: q <= fdr"
+)
+FIRST_COLUMNS = ["id", "rank", "ood_score", "p_value", "q_value", "flagged", "driver", "log_prob", "n_rows"]
+
+
+def calibration_size(detector: dict[str, Any], test: str) -> int:
+    return DetectorSuite.from_dict(detector["suite"]).calibration_size(test)
+
+
+def score_features(features_uri: str, detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:
+    """Scores of every feature row, ranked (1 = most OOD; ties broken by row order), with flags."""
+    files = storage.list_files(features_uri)
+    if not files:
+        raise RuntimeError(f"no feature files under {features_uri}: nothing to score")
+    test = cfg.detect.detector.value
+    ds = ray.data.read_parquet(files).map_batches(
+        Scorer,
+        batch_size=4096,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
+        fn_constructor_kwargs={"detector": detector, "test": test},
+        num_cpus=cfg.extract.cpus_per_worker,
+    )
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    scored = pa.concat_tables(tables, promote_options="permissive")
+    return rank_and_flag(scored, calibration_size(detector, test), cfg)
+
+
+def rank_and_flag(scored: pa.Table, n_calibration: int, cfg: ScoreCorpusConfig) -> pa.Table:
+    score = scored.column("ood_score").to_numpy()
+    order = np.lexsort((scored.column("row_index").to_numpy(), -score))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    p_index = np.rint(scored.column("p_value").to_numpy() * (n_calibration + 1)).astype(np.int64)
+    q = q_values_from_index(p_index, n_calibration, cfg.flag.method)
+    scored = scored.append_column("rank", pa.array(rank))
+    scored = scored.append_column("q_value", pa.array(q))
+    scored = scored.append_column("flagged", pa.array(fdr_flags(q, cfg.flag.fdr)))
+    scored = scored.take(pa.array(order))
+    return scored.select(FIRST_COLUMNS + [c for c in scored.column_names if c not in FIRST_COLUMNS])
+
+
+def write_scores(
+    scores: pa.Table, scores_uri: str, meta: dict[str, Any], rows_per_file: int = 1_000_000
+) -> None:
+    storage.delete_dir_contents(scores_uri)
+    scores = scores.replace_schema_metadata({b"gradood": json.dumps(meta).encode()})
+    for i, lo in enumerate(range(0, max(scores.num_rows, 1), rows_per_file)):
+        storage.write_parquet(
+            scores.slice(lo, rows_per_file), storage.join(scores_uri, f"part-{i:06d}.parquet")
+        )

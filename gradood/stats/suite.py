@@ -1,0 +1,258 @@
+"""Every OOD test over one feature matrix, calibrated, and a combined test that is itself a valid p-value.
+
+Columns of the feature matrix: log f_j for each layer, then log p(x) last (named ``log_prob``). The
+held-out in-distribution rows are split three ways:
+
+- fit rows: every test's parameters (from merged :class:`Moments`, as the reducer streams them);
+- calibration part 1: each test's conformal p-value, and the smooth tails the combination uses;
+- calibration part 2: the combined statistic's own conformal p-value.
+
+The combined statistic T(x) (Fisher: -2 sum_k log p_k; Tippett: -min_k log p_k over the component
+tests' smooth tails) is a fixed function once the fit rows and part 1 are used, so its conformal p-value
+against part 2 is valid whatever the dependence between the component tests. That dependence is why
+Fisher's chi-square reference distribution cannot be used directly here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from gradood.stats.conformal import ConformalCalibrator
+from gradood.stats.detectors import (
+    FORMAT_VERSION,
+    DiagonalGaussian,
+    FisherLayers,
+    GradNorm,
+    NegLogLikelihood,
+    OODTest,
+    ShrinkageGaussian,
+    Typicality,
+    check_format,
+    ood_test_from_dict,
+)
+from gradood.stats.moments import Moments
+
+LOG_PROB_COLUMN = "log_prob"
+
+
+class TestName(StrEnum):
+    """The single tests every suite fits; ``paper`` is the paper's S(x)."""
+
+    __test__ = False  # not a pytest class
+
+    paper = "paper"
+    fullcov = "fullcov"
+    fisher_layers = "fisher_layers"
+    gradnorm = "gradnorm"
+    typicality = "typicality"
+    nll = "nll"
+
+
+class Combination(StrEnum):
+    fisher = "fisher"
+    tippett = "tippett"
+
+
+#: which columns each test reads: the layers' log-norms, log p(x), or both
+_COLUMNS = {
+    TestName.paper: "log_norms",
+    TestName.fullcov: "all",
+    TestName.fisher_layers: "log_norms",
+    TestName.gradnorm: "log_norms",
+    TestName.typicality: "log_prob",
+    TestName.nll: "log_prob",
+}
+
+
+def _make_test(name: TestName, min_std: float) -> OODTest:
+    return {
+        TestName.paper: lambda: DiagonalGaussian(min_std=min_std),
+        TestName.fullcov: lambda: ShrinkageGaussian(min_std=min_std),
+        TestName.fisher_layers: lambda: FisherLayers(min_std=min_std),
+        TestName.gradnorm: GradNorm,
+        TestName.typicality: Typicality,
+        TestName.nll: NegLogLikelihood,
+    }[name]()
+
+
+def split_of(u: np.ndarray, calibration_fraction: float) -> np.ndarray:
+    """0 = fit, 1 = calibration part 1, 2 = part 2, from per-row uniforms ``u`` in [0, 1)."""
+    u = np.asarray(u, dtype=np.float64)
+    return np.where(u >= calibration_fraction, 0, np.where(u < calibration_fraction / 2, 1, 2))
+
+
+class DetectorSuite(BaseEstimator):
+    """All single tests plus their combination; ``ood_score`` and ``p_value`` are the combination's.
+
+    ``fit(X)`` splits the rows itself (a seeded permutation); the pipeline instead assigns rows by a hash
+    of (seed, row id) and calls :meth:`fit_parts`, so a rerun or another shard layout splits the same way.
+    """
+
+    def __init__(
+        self,
+        components: tuple[str, ...] = ("paper", "fullcov", "typicality"),
+        combination: str = "fisher",
+        min_std: float = 1e-12,
+        calibration_fraction: float = 0.4,
+        random_state: int = 0,
+    ):
+        self.components = components
+        self.combination = combination
+        self.min_std = min_std
+        self.calibration_fraction = calibration_fraction
+        self.random_state = random_state
+
+    # -- fitting ------------------------------------------------------------------------------
+    def fit(self, X: Any, y: None = None) -> DetectorSuite:  # noqa: N803
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=6, ensure_min_features=2)
+        u = np.random.default_rng(self.random_state).permutation(len(X)) / len(X)
+        part = split_of(u, self.calibration_fraction)
+        if not all((part == k).sum() >= 2 for k in (0, 1, 2)):
+            raise ValueError(
+                f"need at least 2 rows in each of the fit and calibration parts, got {len(X)} rows"
+            )
+        names = getattr(self, "feature_names_in_", None)
+        return self._fit_parts(Moments.from_values(X[part == 0]), X[part == 1], X[part == 2], names)
+
+    def fit_parts(
+        self, moments: Moments, calibration_1: np.ndarray, calibration_2: np.ndarray, feature_names: list[str]
+    ) -> DetectorSuite:
+        """Fit from merged moments of the fit rows and the two calibration parts' feature rows."""
+        if len(feature_names) != moments.num_features or feature_names[-1] != LOG_PROB_COLUMN:
+            raise ValueError(
+                f"feature names must be the {moments.num_features} columns, {LOG_PROB_COLUMN} last"
+            )
+        self.n_features_in_ = moments.num_features
+        self.feature_names_in_ = np.asarray(feature_names, dtype=object)
+        return self._fit_parts(moments, calibration_1, calibration_2, self.feature_names_in_)
+
+    def _fit_parts(
+        self, moments: Moments, cal_1: np.ndarray, cal_2: np.ndarray, names: np.ndarray | None
+    ) -> DetectorSuite:
+        components = [TestName(c) for c in self.components]
+        if not components:
+            raise ValueError("the combination needs at least one component test")
+        Combination(self.combination)
+        if not 0 < self.calibration_fraction < 1:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+        if min(len(cal_1), len(cal_2)) < 1:
+            raise ValueError("both calibration parts need at least one row")
+        d = moments.num_features
+        self.tests_ = {}
+        for name in TestName:
+            cols = self._columns(name, d)
+            test = _make_test(name, self.min_std)
+            self.tests_[name.value] = test.fit_moments(
+                moments.select(cols), None if names is None else [str(n) for n in names[cols]]
+            )
+        cal_1, cal_2 = np.asarray(cal_1, np.float64), np.asarray(cal_2, np.float64)
+        self.calibrators_ = {
+            name: ConformalCalibrator(self._test_scores(name, cal_1)) for name in self.tests_
+        }
+        self.combined_calibrator_ = ConformalCalibrator(self._combine(cal_2)[0])
+        self.n_fit_, self.n_calibration_ = moments.count, (len(cal_1), len(cal_2))
+        return self
+
+    @staticmethod
+    def _columns(name: TestName, d: int) -> np.ndarray:
+        kind = _COLUMNS[name]
+        if d < 2:
+            raise ValueError(f"need at least one log-norm column and {LOG_PROB_COLUMN}, got {d} feature(s)")
+        return {"log_norms": np.arange(d - 1), "log_prob": np.array([d - 1]), "all": np.arange(d)}[kind]
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _test_scores(self, name: str, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        # X was validated by the suite already; the single tests see plain column slices of it
+        return self.tests_[name]._score(X[:, self._columns(TestName(name), X.shape[1])])
+
+    def _combine(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+        """Combined statistic and, per row, the index of the component with the smallest tail p."""
+        log_p = np.stack(
+            [self.calibrators_[c].log_tail(self._test_scores(c, X)) for c in self.components], axis=1
+        )
+        if Combination(self.combination) is Combination.fisher:
+            stat = -2.0 * log_p.sum(axis=1)
+        else:
+            stat = -log_p.min(axis=1)
+        return stat, np.argmin(log_p, axis=1)
+
+    def _checked(self, X: Any) -> np.ndarray:  # noqa: N803
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=np.float64, reset=False)
+
+    def ood_score(self, X: Any) -> np.ndarray:  # noqa: N803
+        """The combined statistic T(x); higher = more OOD."""
+        return self._combine(self._checked(X))[0]
+
+    def score_samples(self, X: Any) -> np.ndarray:  # noqa: N803
+        return -self.ood_score(X)
+
+    def p_value(self, X: Any) -> np.ndarray:  # noqa: N803
+        """Conformal p-value of the combined statistic against calibration part 2."""
+        return self.combined_calibrator_.p_value(self.ood_score(X))
+
+    def score_all(self, X: Any) -> dict[str, Any]:  # noqa: N803
+        """Every test's score and p-value, the combination's, and the component that drove each row."""
+        X = self._checked(X)
+        out: dict[str, Any] = {}
+        for name in self.tests_:
+            s = self._test_scores(name, X)
+            out[name] = {"score": s, "p_index": self.calibrators_[name].p_index(s)}
+        stat, driver = self._combine(X)
+        out["combined"] = {"score": stat, "p_index": self.combined_calibrator_.p_index(stat)}
+        out["driver"] = np.asarray(self.components, dtype=object)[driver]
+        return out
+
+    def calibration_size(self, test: str) -> int:
+        """n of the calibration behind ``test``'s p-values (``combined`` or a single test's name)."""
+        check_is_fitted(self)
+        return (self.combined_calibrator_ if test == "combined" else self.calibrators_[test]).n
+
+    def top_layers(self, X: Any, k: int = 3) -> tuple[list[list[str]], np.ndarray]:  # noqa: N803
+        """Per row, the ``k`` kept layers of the paper's test with the largest |z| and their signed z."""
+        X = self._checked(X)
+        paper = self.tests_[TestName.paper.value]
+        z = paper._z(X[:, : X.shape[1] - 1])
+        k = min(k, z.shape[1])
+        all_names = getattr(paper, "feature_names_in_", None)
+        if all_names is None:
+            all_names = np.array([f"x{j}" for j in range(paper.n_features_in_)], dtype=object)
+        names = np.asarray(all_names)[np.asarray(paper.kept_, bool)]
+        order = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :k]
+        return [[str(names[j]) for j in row] for row in order], np.take_along_axis(z, order, axis=1)
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        check_is_fitted(self)
+        params = self.get_params()
+        params["components"] = list(params["components"])
+        return {
+            "kind": type(self).__name__,
+            "format_version": FORMAT_VERSION,
+            "params": params,
+            "feature_names_in": [str(n) for n in self.feature_names_in_],
+            "n_fit": self.n_fit_,
+            "n_calibration": list(self.n_calibration_),
+            "tests": {name: t.to_dict() for name, t in self.tests_.items()},
+            "calibration": {name: c.to_dict() for name, c in self.calibrators_.items()},
+            "combined_calibration": self.combined_calibrator_.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectorSuite:
+        check_format(d, cls.__name__)
+        params = dict(d["params"])
+        params["components"] = tuple(params["components"])
+        suite = cls(**params)
+        suite.feature_names_in_ = np.asarray(d["feature_names_in"], dtype=object)
+        suite.n_features_in_ = len(suite.feature_names_in_)
+        suite.n_fit_, suite.n_calibration_ = int(d["n_fit"]), tuple(d["n_calibration"])
+        suite.tests_ = {name: ood_test_from_dict(t) for name, t in d["tests"].items()}
+        suite.calibrators_ = {name: ConformalCalibrator.from_dict(c) for name, c in d["calibration"].items()}
+        suite.combined_calibrator_ = ConformalCalibrator.from_dict(d["combined_calibration"])
+        return suite

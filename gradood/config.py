@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
-from gradood.stats.conformal import FdrMethod
-from gradood.stats.suite import Combination, TestName
+from gradood.stats.conformal import Combination, FdrMethod
+from gradood.stats.suite import TestName
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -176,6 +176,47 @@ class ScoreCorpusConfig(TrainJobConfig):
     detect: DetectConfig = field(default_factory=DetectConfig)
     flag: FlagConfig = field(default_factory=FlagConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+
+@dataclass
+class EvaluateSettings:
+    families: list[str] = field(default_factory=lambda: ["glow", "ddpm", "vae", "pixelcnn"])
+    group_sizes: list[int] = field(default_factory=lambda: [1, 5])
+    #: OOD sources of gradood.data.demo (held-out FashionMNIST is always the in-distribution source)
+    sources: list[str] = field(
+        default_factory=lambda: [
+            "digits",
+            "fashion_mnist_inverted",
+            "uniform_noise",
+            "fashion_mnist_vflip",
+            "fashion_mnist_hflip",
+            "glyphs",
+            "photo_patches",
+        ]
+    )
+    rows_per_source: int = 1000
+    #: more (far-)OOD sources by URI, name -> uri, e.g. mnist: torchvision://MNIST?split=test&root=DIR
+    extra_sources: dict[str, str] = field(default_factory=dict)
+    #: include Bergamin et al.'s per-parameter score statistic (in-process, about 2x a feature pass)
+    bergamin: bool = True
+    #: flags' false-discovery target in the grid
+    fdr: float = 0.05
+    #: levels of the calibration table (share of ID rows with p <= alpha)
+    alphas: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
+
+
+@dataclass
+class EvaluateOutput:
+    uri: str = "runs/evaluate"
+
+
+@dataclass
+class EvaluateConfig:
+    """The grid's own settings; every other key=value goes to each (family, group size) score-corpus run."""
+
+    seed: int = 0
+    output: EvaluateOutput = field(default_factory=EvaluateOutput)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
 
 T = TypeVar("T")

@@ -14,7 +14,7 @@ SCORE_YAML = CONF_DIR / "score_corpus.yaml"
 def test_yaml_and_cli_merge():
     cfg = load_config(ScoreCorpusConfig, [SCORE_YAML], ["extract.group_size=5", "corpus.uri=s3://lake/x/"])
     assert cfg.extract.group_size == 5 and cfg.corpus.uri == "s3://lake/x/"
-    assert cfg.model.name == "glow" and cfg.model.params["num_steps"] == 8  # from conf/model/glow.yaml
+    assert cfg.model.name == "vae" and cfg.model.params["latent_dim"] == 16  # from conf/model/vae.yaml
     assert yaml.safe_load(to_yaml(cfg))["extract"]["group_size"] == 5
 
 
@@ -24,6 +24,10 @@ def test_yaml_and_cli_merge():
         ("extract.bogus=1", ConfigKeyError, "bogus"),
         ("extract.batch_size=many", ValidationError, "extract.batch_size"),
         ("fit.refit=maybe", ValidationError, "fit.refit"),
+        ("detect.detector=best", ValidationError, "detect.detector"),
+        ("detect.combination=mean", ValidationError, "detect.combination"),
+        ("detect.components=[paper,magic]", ValidationError, "detect.components"),
+        ("flag.method=storey", ValidationError, "flag.method"),
     ],
 )
 def test_bad_overrides_name_the_key(override, error, key):

@@ -33,6 +33,7 @@ METRIC_COLUMNS = (
     "family", "group_size", "source", "far_ood", "detector", "auroc", "aupr_in", "aupr_out",
     "fpr_at_95_tpr", "n_id", "n_ood", "flag_fdr", "flag_power", "n_flagged",
 )  # fmt: skip
+CALIBRATION_COLUMNS = ("family", "group_size", "detector", "alpha", "rate", "n_id")
 SCORE_COLUMNS = ("family", "group_size", "detector", "source", "is_ood", "ood_score", "p_value")
 
 # (column, table caption, higher is better)
@@ -156,6 +157,28 @@ def _summary(grid: _Grid) -> _Table:
     return _row_table(grid.header("family", "group size", "sources"), rows, True, caption)
 
 
+def _calibration_table(frame: pd.DataFrame) -> _Table:
+    """Rows (family, group size, detector), one column per alpha: the empirical P(p <= alpha) on ID rows."""
+    alphas = sorted(set(frame["alpha"]))
+    cells = {
+        (r["family"], int(r["group_size"]), r["detector"], r["alpha"]): r for r in frame.to_dict("records")
+    }
+    rows = []
+    for family, group_size, detector in dict.fromkeys(
+        zip(frame["family"], frame["group_size"], frame["detector"], strict=True)
+    ):
+        found = [cells.get((family, int(group_size), detector, a)) for a in alphas]
+        n_id = next(r["n_id"] for r in found if r is not None)
+        rows.append(
+            [family, int(group_size), detector, n_id, *(None if r is None else r["rate"] for r in found)]
+        )
+    header = ["family", "group size", "detector", "ID rows", *(f"P(p <= {a:g})" for a in alphas)]
+    caption = (
+        "Share of held-out in-distribution rows with p-value <= alpha (valid: at most alpha, up to noise)"
+    )
+    return _Table(header, rows, set(), caption)
+
+
 def _per_source(grid: _Grid, group: tuple[str, int], fdr_target: float) -> list[_Table]:
     sources = grid.group_sources[group]
     tables = []
@@ -274,8 +297,12 @@ def write_evaluation_report(
     default_detector: str,
     fdr_target: float,
     notes: Sequence[str] = (),
+    calibration: pa.Table | None = None,
 ) -> dict[str, str | list[str]]:
     """Write report.md, report.html (figures inline) and one ROC PNG per (family, group_size) to out_dir.
+
+    ``calibration`` (family, group_size, detector, alpha, rate, n_id): the share of held-out ID rows with
+    p <= alpha per detector, shown as one table after the summary.
 
     Returns {"markdown": path, "html": path, "figures": [paths]}.
     """
@@ -288,6 +315,10 @@ def write_evaluation_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, list[_Block]]] = [("Summary", [_summary(grid)])]
+    if calibration is not None:
+        sections.append(
+            ("Calibration", [_calibration_table(_require(calibration, CALIBRATION_COLUMNS, "calibration"))])
+        )
     figures: list[str] = []
     used: set[str] = set()
     for group in grid.groups:

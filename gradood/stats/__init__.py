@@ -2,8 +2,10 @@
 false-discovery control, the combined detector suite and detection metrics."""
 
 from gradood.stats.conformal import (
+    Combination,
     ConformalCalibrator,
     FdrMethod,
+    combine_log_p,
     conformal_p_values,
     fdr_flags,
     q_values_from_index,
@@ -20,7 +22,7 @@ from gradood.stats.detectors import (
 )
 from gradood.stats.metrics import aupr_in, aupr_out, auroc, fpr_at_95_tpr, ood_metrics
 from gradood.stats.moments import Moments
-from gradood.stats.suite import LOG_PROB_COLUMN, Combination, DetectorSuite, TestName, split_of
+from gradood.stats.suite import LOG_PROB_COLUMN, DetectorSuite, TestName, split_of
 
 __all__ = [
     "LOG_PROB_COLUMN",
@@ -38,6 +40,7 @@ __all__ = [
     "TestName",
     "Typicality",
     "aupr_in",
+    "combine_log_p",
     "aupr_out",
     "auroc",
     "conformal_p_values",

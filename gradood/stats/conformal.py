@@ -35,6 +35,27 @@ def _finite_1d(values: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
+class Combination(StrEnum):
+    """How a combined test merges its components' (smooth) log p-values into one statistic."""
+
+    fisher = "fisher"
+    tippett = "tippett"
+
+
+def combine_log_p(log_p: np.ndarray, method: Combination) -> tuple[np.ndarray, np.ndarray]:
+    """Combined statistic of ``log_p [N, K]`` (higher = more OOD) and each row's smallest component.
+
+    Fisher: -2 sum_k log p_k; Tippett: -min_k log p_k. Neither is a p-value by itself when the
+    components are dependent: calibrate the statistic on rows that did not calibrate the components.
+    """
+    log_p = np.asarray(log_p, dtype=np.float64)
+    if Combination(method) is Combination.fisher:
+        stat = -2.0 * log_p.sum(axis=1)
+    else:
+        stat = -log_p.min(axis=1)
+    return stat, np.argmin(log_p, axis=1)
+
+
 class ConformalCalibrator:
     """Calibration scores of one test, sorted; p-values and a smooth tail for combining tests."""
 

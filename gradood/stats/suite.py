@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from gradood.stats.conformal import ConformalCalibrator
+from gradood.stats.conformal import Combination, ConformalCalibrator, combine_log_p
 from gradood.stats.detectors import (
     FORMAT_VERSION,
     DiagonalGaussian,
@@ -51,11 +51,6 @@ class TestName(StrEnum):
     gradnorm = "gradnorm"
     typicality = "typicality"
     nll = "nll"
-
-
-class Combination(StrEnum):
-    fisher = "fisher"
-    tippett = "tippett"
 
 
 #: which columns each test reads: the layers' log-norms, log p(x), or both
@@ -175,11 +170,7 @@ class DetectorSuite(BaseEstimator):
         log_p = np.stack(
             [self.calibrators_[c].log_tail(self._test_scores(c, X)) for c in self.components], axis=1
         )
-        if Combination(self.combination) is Combination.fisher:
-            stat = -2.0 * log_p.sum(axis=1)
-        else:
-            stat = -log_p.min(axis=1)
-        return stat, np.argmin(log_p, axis=1)
+        return combine_log_p(log_p, Combination(self.combination))
 
     def _checked(self, X: Any) -> np.ndarray:  # noqa: N803
         check_is_fitted(self)

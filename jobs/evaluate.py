@@ -1,0 +1,34 @@
+"""The evaluation grid: `python jobs/evaluate.py [evaluate.families=[glow] ...] [score-corpus key=value ...]`.
+
+Every model family x group size x OOD source x detector on public offline sources: AUROC, AUPR-In/Out,
+FPR@95, the flags' empirical FDR and power, the p-values' calibration; Markdown + Parquet + HTML under
+output.uri (default runs/evaluate). Keys of EvaluateConfig (seed, output.uri, evaluate.*) are the grid's;
+every other key=value applies to each score-corpus run (e.g. extract.num_workers=2, fit.size=5000).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gradood.config import EvaluateConfig, load_config  # noqa: E402
+
+OWN_KEYS = ("seed=", "output.", "evaluate.")
+
+
+def main(argv: list[str]) -> int:
+    own = [a for a in argv if a.startswith(OWN_KEYS)]
+    cfg = load_config(EvaluateConfig, [], own)
+    from gradood.evaluation.run import run_evaluation
+
+    run_evaluation(cfg, [a for a in argv if a not in own], "python jobs/evaluate.py " + shlex.join(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,79 @@
+"""The evaluation grid end to end on a local Ray with the shipped Glow, on small public sources."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from scipy.stats import false_discovery_control
+from test_data_fashion_mnist import write_fake_mnist
+
+from gradood.config import EvaluateConfig, load_config
+from gradood.evaluation.run import run_evaluation
+from gradood.stats import ood_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
+    write_fake_mnist(tmp_path / "tv" / "MNIST" / "raw", {"train": 4, "test": 30})
+    out = tmp_path / "eval"
+    own = [
+        f"output.uri={out}",
+        "evaluate.families=[glow]",
+        "evaluate.group_sizes=[1,5]",
+        "evaluate.rows_per_source=20",
+        "evaluate.sources=[digits,fashion_mnist_vflip,glyphs]",
+        f"evaluate.extra_sources={{mnist: 'torchvision://MNIST?split=test&root={tmp_path / 'tv'}'}}",
+    ]
+    runs = ["fit.size=300", "extract.shard_size=64", "extract.num_workers=2"]
+    cfg = load_config(EvaluateConfig, [], own)
+    summary = run_evaluation(cfg, runs, "test")
+
+    metrics = pq.read_table(out / "metrics.parquet").to_pandas()
+    detectors = {"combined", "paper", "fullcov", "fisher_layers", "gradnorm", "typicality", "nll"}
+    detectors |= {"combined_tippett", "combined_all", "bergamin"}
+    assert set(metrics["detector"]) == detectors
+    assert set(metrics["source"]) == {"digits", "fashion_mnist_vflip", "glyphs", "mnist"}
+    assert len(metrics) == 2 * 4 * len(detectors)  # group sizes x sources x detectors
+    assert dict(zip(metrics["source"], metrics["far_ood"], strict=True))["fashion_mnist_vflip"] == False  # noqa: E712
+
+    # every metric row is recomputable from the scores table; flags are BH over ID + that source
+    scores = pq.read_table(out / "scores.parquet").to_pandas()
+    for (group_size, detector), sub in scores.groupby(["group_size", "detector"]):
+        rows = metrics[(metrics["group_size"] == group_size) & (metrics["detector"] == detector)]
+        id_rows = sub[~sub["is_ood"]]
+        assert len(id_rows) == 20 // group_size
+        for r in rows.to_dict("records"):
+            ood = sub[sub["source"] == r["source"]]
+            expected = ood_metrics(id_rows["ood_score"].to_numpy(), ood["ood_score"].to_numpy())
+            assert r["auroc"] == pytest.approx(expected["auroc"], abs=1e-12)
+            assert r["fpr_at_95_tpr"] == pytest.approx(expected["fpr_at_95_tpr"], abs=1e-12)
+            p = np.concatenate([id_rows["p_value"].to_numpy(), ood["p_value"].to_numpy()])
+            flagged = false_discovery_control(p, method="bh") <= 0.05
+            assert r["n_flagged"] == flagged.sum() and r["n_id"] == len(id_rows) and r["n_ood"] == len(ood)
+            assert r["flag_power"] == pytest.approx(flagged[len(id_rows) :].mean())
+            if flagged.any():
+                assert r["flag_fdr"] == pytest.approx(flagged[: len(id_rows)].sum() / flagged.sum())
+
+    # the calibration table is the share of held-out ID rows with p <= alpha
+    calibration = pq.read_table(out / "calibration.parquet").to_pandas()
+    for r in calibration.to_dict("records"):
+        sub = scores[(scores["group_size"] == r["group_size"]) & (scores["detector"] == r["detector"])]
+        assert r["rate"] == pytest.approx(np.mean(sub.loc[~sub["is_ood"], "p_value"] <= r["alpha"]))
+
+    html = (out / "report.html").read_text()
+    assert "gradood evaluation grid" in html and "mnist" in html and "bergamin" in html
+    assert "http://" not in html and "https://" not in html
+    assert json.loads((out / "summary.json").read_text())["family_ranking"].keys() == {"glow"}
+    assert summary["html"].endswith("report.html")

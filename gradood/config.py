@@ -158,6 +158,18 @@ class RayConfig:
 
 
 @dataclass
+class RunConfig:
+    """One night's run: its partition, incremental input selection and report."""
+
+    #: the run's partition under output.uri/runs/ (default: today's UTC date, YYYY-MM-DD)
+    id: str | None = None
+    #: score only inputs that no published run has scored with the same size and modification time
+    incremental: bool = False
+    #: thumbnails of the most OOD rows in report.html
+    report_top_k: int = 24
+
+
+@dataclass
 class TrainJobConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,6 +187,7 @@ class ScoreCorpusConfig(TrainJobConfig):
     fit: FitConfig = field(default_factory=FitConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     flag: FlagConfig = field(default_factory=FlagConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
 

@@ -40,7 +40,7 @@ def test_held_out_in_distribution_p_values_are_calibrated(local_ray, tmp_path):
     )
     summary = ray_job.run_score_corpus(cfg)
     assert summary["scored"] == 5000
-    scores = storage.read_parquet(str(tmp_path / "out" / "scores"))
+    scores = storage.read_parquet(storage.join(summary["output"], "scores"))
     columns = {"combined": "p_value", **{t.value: f"p_value:{t.value}" for t in TestName}}
     for test, column in columns.items():
         p = scores.column(column).to_numpy()

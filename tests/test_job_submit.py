@@ -107,10 +107,12 @@ def test_ray_job_submit_runs_the_job(ray_head, tmp_path):
         "extract.batch_size=8",
         "extract.num_workers=1",
         "train.if_missing=false",
+        "run.id=2026-11-23",
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "scored 9 + rejected 1 = 10 inputs" in log
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "runs" / "2026-11-23" / "summary.json").read_text())
+    assert (out / "runs" / "2026-11-23" / "_SUCCESS").is_file()
     assert summary["scored"] == 9 and summary["rejected"] == 1

@@ -71,6 +71,6 @@ def test_family_trains_on_ray_train_and_scores_end_to_end(local_ray, family, tmp
     assert summary["scored"] == 9 and summary["rejected"] == 1 and summary["inputs"] == 10
     detector = storage.read_json(str(tmp_path / "out" / "detector.json"))
     assert detector["model_fingerprint"] == meta["fingerprint"] and detector["model"]["name"] == family
-    scores = storage.read_parquet(str(tmp_path / "out" / "scores")).to_pylist()
+    scores = storage.read_parquet(storage.join(summary["output"], "scores")).to_pylist()
     assert [r["rank"] for r in scores] == list(range(1, 10))
     assert all(r["ood_score"] == r["ood_score"] for r in scores)  # finite, not NaN

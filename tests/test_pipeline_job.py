@@ -54,6 +54,7 @@ def job_config(ws, out: str, *extra: str) -> ScoreCorpusConfig:
             "extract.num_workers=2",
             "extract.method=engine",
             "train.if_missing=false",
+            "run.id=night",
             *extra,
         ],
     )
@@ -65,12 +66,12 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
 
     # counts reconcile, the corrupt file is an error row, not a failure
     assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1
-    errors = storage.read_parquet(str(out / "errors")).to_pylist()
+    errors = storage.read_parquet(str(out / "runs" / "night" / "errors")).to_pylist()
     assert [e["id"].endswith("zz-corrupt.png") for e in errors] == [True] and errors[0]["error"]
 
     # features: readable with plain pyarrow, metadata names the layers and the model
-    features = pq.read_table(out / "features")
-    part = pq.read_table(sorted((out / "features").glob("*.parquet"))[0])
+    features = pq.read_table(out / "runs" / "night" / "features")
+    part = pq.read_table(sorted((out / "runs" / "night" / "features").glob("*.parquet"))[0])
     meta = table_metadata(part)
     model, ckpt_meta = load_checkpoint(workspace["checkpoint"])
     assert meta["model_fingerprint"] == ckpt_meta["fingerprint"] and meta["group_size"] == 1
@@ -83,10 +84,10 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
     assert detector["model_fingerprint"] == ckpt_meta["fingerprint"] and detector["fit"]["n_rows"] == 40
     n_cal = detector["fit"]["n_calibration_rows"]
     assert detector["fit"]["n_fit_rows"] + sum(n_cal) == 40 and min(n_cal) >= 1
-    assert (out / "run.yaml").read_text().startswith("seed: 0")
+    assert (out / "runs" / "night" / "run.yaml").read_text().startswith("seed: 0")
 
     # scores equal the reference computed in-process with the per-sample loop
-    scores = storage.read_parquet(str(out / "scores")).to_pylist()
+    scores = storage.read_parquet(str(out / "runs" / "night" / "scores")).to_pylist()
     ref = reference_scores(model, FIT_URI, 40, str(workspace["corpus"]), seed=0)
     assert sorted(r["id"] for r in scores) == sorted(ref)
     for r in scores:
@@ -103,7 +104,7 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
     again = ray_job.run_score_corpus(
         job_config(workspace, str(out), "extract.shard_size=5", "extract.batch_size=3")
     )
-    rescored = {r["id"]: r for r in storage.read_parquet(str(out / "scores")).to_pylist()}
+    rescored = {r["id"]: r for r in storage.read_parquet(str(out / "runs" / "night" / "scores")).to_pylist()}
     assert again["scored"] == 18
     for r in scores:
         assert rescored[r["id"]]["ood_score"] == pytest.approx(r["ood_score"], rel=1e-5)
@@ -124,7 +125,7 @@ def test_group_features_and_detector_mismatch(local_ray, workspace, tmp_path):
     summary = ray_job.run_score_corpus(
         job_config(workspace, str(out), "extract.group_size=3", "extract.batch_size=6")
     )
-    scores = storage.read_parquet(str(out / "scores"))
+    scores = storage.read_parquet(str(out / "runs" / "night" / "scores"))
     # plain Arrow lists, not Ray's pickled-object extension: readable without Ray (and without pickle)
     assert scores.schema.field("member_ids").type == pa.list_(pa.string())
     assert scores.schema.field("top_layers").type == pa.list_(pa.string())
@@ -229,5 +230,5 @@ def test_demo_corpus_run_reports_auroc_per_source(local_ray, workspace, tmp_path
     for row in demo["sources"].values():
         for score in ("ood_score", "score:typicality"):
             assert row[score]["n_id"] == 1 and row[score]["n_ood"] >= 1
-    scores = storage.read_parquet(str(tmp_path / "out" / "scores"))
+    scores = storage.read_parquet(str(tmp_path / "out" / "runs" / "night" / "scores"))
     assert sum(demo["flagged"].values()) == summary["flagged"] == sum(scores.column("flagged").to_pylist())

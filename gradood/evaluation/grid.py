@@ -118,13 +118,15 @@ def _suite_variant(
     ).fit_parts(Moments.from_values(fit_x[part == 0]), fit_x[part == 1], fit_x[part == 2], names)
 
 
-def detector_scores(run_cfg: ScoreCorpusConfig, bergamin: bool) -> tuple[pd.DataFrame, dict[str, Scored]]:
+def detector_scores(
+    run_cfg: ScoreCorpusConfig, run_uri: str, bergamin: bool
+) -> tuple[pd.DataFrame, dict[str, Scored]]:
     """The run's feature rows (id, source) and every detector's scores over them."""
     out = run_cfg.output.uri
     detector = storage.read_json(storage.join(out, "detector.json"))
     layers, floor = detector["layers"], run_cfg.fit.min_sqnorm
-    scores = storage.read_parquet(storage.join(out, "scores")).sort_by("row_index")
-    features = storage.read_parquet(storage.join(out, "features")).sort_by("row_index")
+    scores = storage.read_parquet(storage.join(run_uri, "scores")).sort_by("row_index")
+    features = storage.read_parquet(storage.join(run_uri, "features")).sort_by("row_index")
     if scores.column("id").to_pylist() != features.column("id").to_pylist():
         raise RuntimeError(f"{out}: scores and features list different rows")
     fit_table = storage.read_parquet(storage.join(out, "fit", "features"))

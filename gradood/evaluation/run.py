@@ -29,11 +29,11 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         family, group_size = run_cfg.model.name, run_cfg.extract.group_size
         t0 = time.perf_counter()
         log(f"evaluate: {family}, group size {group_size}")
-        run_score_corpus(run_cfg)
+        run_summary = run_score_corpus(run_cfg)
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # the Ray workers are idle while the driver scores
-        rows, found = detector_scores(run_cfg, cfg.evaluate.bergamin)
+        rows, found = detector_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
         m, s, v = grid_rows(family, group_size, rows, found, far, cfg.evaluate.fdr, list(cfg.evaluate.alphas))
         metrics += m
         scores += s

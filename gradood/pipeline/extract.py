@@ -12,6 +12,8 @@ finished shard to stream into the reducer actor.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -21,9 +23,9 @@ import numpy as np
 import ray
 
 from gradood.config import ScoreCorpusConfig
-from gradood.data.sources import CorpusSource
+from gradood.data.sources import CorpusSource, Shard
 from gradood.pipeline import storage
-from gradood.pipeline.stages import ExtractSettings, ShardFeatureWriter
+from gradood.pipeline.stages import ExtractSettings, ShardFeatureWriter, completed_shard
 
 
 def log(msg: str) -> None:
@@ -55,6 +57,18 @@ class ExtractionTotals:
     feature_rows: int = 0
     seconds: float = 0.0
     worker_seconds: float = 0.0
+    #: shards an earlier attempt had finished with the same plan, taken over instead of recomputed
+    resumed_shards: int = 0
+
+    def add(self, summary: dict[str, Any], on_shard: Callable[[dict[str, Any]], None] | None) -> None:
+        self.shards += 1
+        self.rows_in += int(summary["rows_in"])
+        self.rows_scored += int(summary["rows_scored"])
+        self.rows_rejected += int(summary["rows_rejected"])
+        self.feature_rows += int(summary["feature_rows"])
+        self.worker_seconds += float(summary["seconds"])
+        if on_shard is not None:
+            on_shard(summary)
 
     def reconcile(self, what: str) -> None:
         if self.rows_scored + self.rows_rejected != self.rows_in:
@@ -62,6 +76,53 @@ class ExtractionTotals:
                 f"{what}: counts do not reconcile: scored {self.rows_scored} + rejected "
                 f"{self.rows_rejected} != inputs {self.rows_in}"
             )
+
+
+def _plan(shards: list[Shard], source: CorpusSource, settings: ExtractSettings, fingerprint: str) -> dict:
+    """Everything a finished shard's file depends on; an earlier attempt's files count only if it matches."""
+    locators = hashlib.sha256(json.dumps([list(s.locator) for s in shards], default=str).encode()).hexdigest()
+    return {
+        "source": source.describe(),
+        "shards": [[s.row_start, s.num_rows] for s in shards],
+        "locators_sha256": locators,
+        "model_fingerprint": fingerprint,
+        **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("batch_size", "torch_threads")},
+    }
+
+
+def _resume(
+    shards: list[Shard],
+    source: CorpusSource,
+    out_uri: str,
+    settings: ExtractSettings,
+    fingerprint: str,
+    totals: ExtractionTotals,
+    on_shard: Callable[[dict[str, Any]], None] | None,
+) -> list[Shard]:
+    """Take over the shards an interrupted attempt with the same plan finished; the shards left to do.
+
+    With another plan (or none), every file of the earlier attempt is deleted first, so parts of another
+    layout never mix into this run.
+    """
+    plan_uri = storage.join(out_uri, "plan.json")
+    plan = json.loads(json.dumps(_plan(shards, source, settings, fingerprint)))
+    if not (storage.exists(plan_uri) and storage.read_json(plan_uri) == plan):
+        for uri in (settings.features_uri, settings.errors_uri):
+            storage.delete_dir_contents(uri)
+            storage.makedirs(uri)
+        storage.write_json(plan_uri, plan)
+        return list(shards)
+    expected = {"model_fingerprint": fingerprint, "seed": settings.seed, "group_size": settings.group_size}
+    expected |= {"method": settings.method, "source": source.uri}
+    pending = []
+    for shard in shards:
+        summary = completed_shard(shard, settings, expected)
+        if summary is None:
+            pending.append(shard)
+        else:
+            totals.add(summary, on_shard)
+            totals.resumed_shards += 1
+    return pending
 
 
 def run_extraction(
@@ -86,9 +147,6 @@ def run_extraction(
         )
     shards = source.shards(ex.shard_size, align=ex.group_size)
     features_uri, errors_uri = storage.join(out_uri, "features"), storage.join(out_uri, "errors")
-    for uri in (features_uri, errors_uri):  # parts of an earlier run with another layout must not mix in
-        storage.delete_dir_contents(uri)
-        storage.makedirs(uri)
     settings = ExtractSettings(
         features_uri=features_uri,
         errors_uri=errors_uri,
@@ -101,15 +159,19 @@ def run_extraction(
         torch_threads=ex.torch_threads,
         calibration_fraction=calibration_fraction,
     )
+    totals = ExtractionTotals()
+    pending = _resume(shards, source, out_uri, settings, model_meta["fingerprint"], totals, on_shard)
+    if len(pending) < len(shards):
+        log(f"{what}: {len(shards) - len(pending)} of {len(shards)} shards complete from an earlier attempt")
     resources: dict[str, Any] = {"num_cpus": ex.cpus_per_worker}
     if ex.num_gpus_per_worker > 0:
         resources["num_gpus"] = ex.num_gpus_per_worker
-    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+    ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=max(1, len(pending)))
     ds = ds.map_batches(
         ShardFeatureWriter,
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(ex.num_workers, len(shards)))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(ex.num_workers, len(pending)))),
         fn_constructor_kwargs={
             "weights": weights,
             "model_meta": model_meta,
@@ -118,19 +180,11 @@ def run_extraction(
         },
         **resources,
     )
-    totals = ExtractionTotals()
     t0 = time.perf_counter()
     total_rows = sum(s.num_rows for s in shards)
     log(f"{what}: {total_rows} rows in {len(shards)} shards from {source.uri}")
-    for summary in ds.iter_rows():
-        totals.shards += 1
-        totals.rows_in += int(summary["rows_in"])
-        totals.rows_scored += int(summary["rows_scored"])
-        totals.rows_rejected += int(summary["rows_rejected"])
-        totals.feature_rows += int(summary["feature_rows"])
-        totals.worker_seconds += float(summary["seconds"])
-        if on_shard is not None:
-            on_shard(summary)
+    for summary in ds.iter_rows() if pending else ():
+        totals.add(summary, on_shard)
         elapsed = time.perf_counter() - t0
         log(
             f"{what}: {totals.shards}/{len(shards)} shards, {totals.rows_in}/{total_rows} rows, "

@@ -1,28 +1,47 @@
 """The score-corpus job on Ray, a thin orchestrator over the stages' modules:
 
 model (trained first when missing) -> fit-set features -> reducer -> calibrated detector suite
-(:mod:`~gradood.pipeline.fit`) -> corpus features (:mod:`~gradood.pipeline.extract`) -> scores, ranks
-and FDR flags (:mod:`~gradood.pipeline.score`) -> summary (:mod:`~gradood.pipeline.summary`).
+(:mod:`~gradood.pipeline.fit`) -> the night's inputs (incremental: new or changed only) -> corpus
+features, resumable (:mod:`~gradood.pipeline.extract`) -> scores, ranks and FDR flags
+(:mod:`~gradood.pipeline.score`) -> summary, drift test and report (:mod:`~gradood.pipeline.summary`,
+:mod:`~gradood.pipeline.report`) -> manifest and publish (:mod:`~gradood.pipeline.publish`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 import gradood
 from gradood.config import ScoreCorpusConfig, TrainJobConfig, to_yaml
-from gradood.data.sources import open_source
+from gradood.data.images import ImageConverter
+from gradood.data.sources import CorpusSource, open_source
 from gradood.features import feature_layer_names
 from gradood.models.checkpoint import WEIGHTS_FILE, checkpoint_exists, model_from_bytes, read_checkpoint_meta
 from gradood.pipeline import storage
 from gradood.pipeline.extract import init_ray, log, run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
+from gradood.pipeline.inputs import skipped as skipped_files
+from gradood.pipeline.inputs import source_inputs, with_files
+from gradood.pipeline.publish import (
+    default_run_id,
+    new_or_changed,
+    publish,
+    run_dir,
+    seen_inputs,
+    unpublish,
+    write_manifest,
+)
+from gradood.pipeline.report import write_run_report
 from gradood.pipeline.score import SCORE_CONVENTION, score_features, write_scores
 from gradood.pipeline.summary import demo_report, print_summary
+from gradood.stats.drift import drift_test
 
 
 def ensure_model(cfg: ScoreCorpusConfig) -> str:
@@ -42,11 +61,40 @@ def ensure_model(cfg: ScoreCorpusConfig) -> str:
     return ckpt
 
 
+def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> tuple[CorpusSource, pa.Table | None]:
+    """The night's source and its inputs (uri, size, mtime); incremental runs keep new or changed ones."""
+    corpus_uri = cfg.corpus.uri
+    if corpus_uri == "demo":
+        from gradood.data.demo import build_demo_corpus
+
+        corpus_uri = storage.join(out, "demo_corpus")
+        build_demo_corpus(corpus_uri, rows_per_source=cfg.corpus.demo_rows_per_source, seed=cfg.seed)
+    source = open_source(corpus_uri, image_column=cfg.corpus.image_column, limit=cfg.corpus.limit)
+    inputs = source_inputs(source)
+    if not cfg.run.incremental:
+        return source, inputs
+    if inputs is None or cfg.corpus.limit is not None:
+        raise ValueError(
+            "run.incremental=true needs a folder or Parquet corpus without corpus.limit "
+            f"(it compares files by size and modification time), got {cfg.corpus.uri}"
+        )
+    new = new_or_changed(inputs, seen_inputs(out, run_id))
+    log(
+        f"incremental: {new.num_rows} of {inputs.num_rows} input files are new or changed since the "
+        "published runs"
+    )
+    return with_files(source, new.column("uri").to_pylist()), new
+
+
 def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
+    """One run into its own partition ``output.uri/runs/<run.id>``, published when complete."""
     t_start = time.perf_counter()
     out = storage.absolute(cfg.output.uri)
-    storage.makedirs(out)
-    storage.write_text(storage.join(out, "run.yaml"), to_yaml(cfg))
+    run_id = cfg.run.id or default_run_id()
+    run_uri = run_dir(out, run_id)
+    unpublish(out, run_id)
+    storage.makedirs(run_uri)
+    storage.write_text(storage.join(run_uri, "run.yaml"), to_yaml(cfg))
     ex = cfg.extract
     init_ray(cfg.ray.num_cpus, ex.num_workers * ex.cpus_per_worker + 1)
 
@@ -62,41 +110,46 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     detector = load_or_fit_detector(cfg, out, weights, model_meta, layer_names)
     check_detector(detector, model_meta["fingerprint"], ex.group_size, "in use")
 
-    corpus_uri = cfg.corpus.uri
-    if corpus_uri == "demo":
-        from gradood.data.demo import build_demo_corpus
-
-        corpus_uri = storage.join(out, "demo_corpus")
-        build_demo_corpus(corpus_uri, rows_per_source=cfg.corpus.demo_rows_per_source, seed=cfg.seed)
-    source = open_source(corpus_uri, image_column=cfg.corpus.image_column, limit=cfg.corpus.limit)
-    corpus = run_extraction("corpus features", source, out, weights, model_meta, cfg)
+    source, inputs = corpus_source(cfg, out, run_id)
+    corpus = run_extraction("corpus features", source, run_uri, weights, model_meta, cfg)
 
     t_score = time.perf_counter()
-    scores = score_features(storage.join(out, "features"), detector, cfg)
+    scores = score_features(storage.join(run_uri, "features"), detector, cfg)
     meta = {
         "model_fingerprint": model_meta["fingerprint"],
         "group_size": ex.group_size,
         "seed": cfg.seed,
         "source": source.uri,
+        "run_id": run_id,
         "detector": cfg.detect.detector.value,
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
         "gradood_version": gradood.__version__,
         "score_convention": SCORE_CONVENTION,
     }
-    write_scores(scores, storage.join(out, "scores"), meta)
+    write_scores(scores, storage.join(run_uri, "scores"), meta)
+    complete = scores.column("complete_set").to_numpy(zero_copy_only=False)
+    skipped = skipped_files(source)
     summary: dict[str, Any] = {
-        "output": out,
+        "run_id": run_id,
+        "output": run_uri,
         "corpus": source.uri,
         "inputs": corpus.rows_in,
         "scored": corpus.rows_scored,
         "rejected": corpus.rows_rejected,
+        "skipped": sum(skipped.values()),
+        "skipped_reasons": skipped,
         "feature_rows": corpus.feature_rows,
+        "incomplete_sets": int((~complete).sum()),
+        "resumed_shards": corpus.resumed_shards,
         "group_size": ex.group_size,
         "detector": cfg.detect.detector.value,
         "flagged": int(pc.sum(scores.column("flagged")).as_py() or 0),
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
+        "drift": drift_test(
+            scores.column("ood_score").to_numpy()[complete], calibration_scores(detector, cfg)
+        ),
         "top10": scores.column("id").to_pylist()[:10],
         "seconds": {
             "extract": corpus.seconds,
@@ -110,6 +163,19 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     }
     if cfg.corpus.uri == "demo":
         summary["demo"] = demo_report(scores, cfg.detect.detector.value)
-    storage.write_json(storage.join(out, "summary.json"), summary)
+    storage.write_json(storage.join(run_uri, "summary.json"), summary)
+    converter = ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
+    write_run_report(run_uri, summary, scores, source, converter, cfg.run.report_top_k)
+    if inputs is not None:
+        write_manifest(out, run_id, inputs)
+    publish(out, run_id, summary)
     print_summary(summary)
     return summary
+
+
+def calibration_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig) -> np.ndarray:
+    """The held-out scores behind the chosen test's p-values: the drift test's reference sample."""
+    test = cfg.detect.detector.value
+    suite = detector["suite"]
+    entry = suite["combined_calibration"] if test == "combined" else suite["calibration"][test]
+    return np.asarray(entry["scores"], np.float64)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 import gradood
@@ -21,7 +23,14 @@ from gradood.features import extract_features
 from gradood.models.base import DensityModel
 from gradood.models.checkpoint import model_from_bytes
 from gradood.pipeline import storage
-from gradood.pipeline.tables import error_table, feature_matrix, feature_table, suite_feature_names
+from gradood.pipeline.tables import (
+    SPLIT_COLUMN,
+    error_table,
+    feature_matrix,
+    feature_table,
+    suite_feature_names,
+    table_metadata,
+)
 from gradood.seeding import draw_noise, row_uniforms
 from gradood.stats.moments import Moments
 from gradood.stats.suite import DetectorSuite, split_of
@@ -72,7 +81,7 @@ def compute_features(
     groups = np.asarray(rows.indices, np.int64) // group_size
     # boundaries of consecutive runs of equal group index
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], n].astype(np.int64)
+    ends = np.r_[starts[1:], n].astype(np.int64) if n else np.zeros(0, np.int64)
     out_log_prob, out_sqnorms, layer_names = [], [], None
     lo = 0
     while lo < len(starts):
@@ -150,6 +159,55 @@ class ExtractSettings:
     calibration_fraction: float | None = None
 
 
+def shard_file(index: int) -> str:
+    return f"part-{index:06d}.parquet"
+
+
+def shard_summary(
+    shard: Shard, table: pa.Table, rejected: int, settings: ExtractSettings, seconds: float
+) -> dict[str, Any]:
+    """Counts of one finished shard and, for fit-set runs, the moments of its fit rows."""
+    moments = None
+    if settings.calibration_fraction is not None:
+        x = feature_matrix(table, table_metadata(table)["layers"], settings.min_sqnorm)
+        moments = Moments.from_values(x[table.column(SPLIT_COLUMN).to_numpy() == 0]).to_dict()
+    return {
+        "shard": shard.index,
+        "rows_in": shard.num_rows,
+        "rows_scored": int(pc.sum(table.column("n_rows")).as_py() or 0),
+        "rows_rejected": rejected,
+        "feature_rows": table.num_rows,
+        "seconds": seconds,
+        "moments": moments,
+    }
+
+
+def completed_shard(
+    shard: Shard, settings: ExtractSettings, expected: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The summary of a shard an earlier attempt finished with the same settings, else None.
+
+    ``expected`` is the metadata the shard's feature file must carry (model fingerprint, seed, group
+    size, method, source, image conversion); its row range and the counts must match as well.
+    """
+    name = shard_file(shard.index)
+    features_file = storage.join(settings.features_uri, name)
+    if not storage.exists(features_file):
+        return None
+    table = storage.read_parquet(features_file)
+    meta = table_metadata(table)
+    if meta.get("rows") != [shard.row_start, shard.num_rows] or meta.get("shard") != shard.index:
+        return None
+    if any(meta.get(k) != v for k, v in expected.items()):
+        return None
+    if settings.calibration_fraction is not None and SPLIT_COLUMN not in table.column_names:
+        return None
+    errors_file = storage.join(settings.errors_uri, name)
+    rejected = storage.read_parquet(errors_file).num_rows if storage.exists(errors_file) else 0
+    summary = shard_summary(shard, table, rejected, settings, 0.0)
+    return summary if summary["rows_scored"] + rejected == shard.num_rows else None
+
+
 class ShardFeatureWriter:
     """Ray Data stage: shard descriptors in, one Parquet file of features (and of errors) per shard out.
 
@@ -201,7 +259,6 @@ class ShardFeatureWriter:
         split = None
         if s.calibration_fraction is not None:
             split = split_of(row_uniforms(s.seed, feats.ids, SPLIT_STREAM), s.calibration_fraction)
-        name = f"part-{shard.index:06d}.parquet"
         table = feature_table(
             feats.ids,
             feats.row_index,
@@ -209,26 +266,19 @@ class ShardFeatureWriter:
             feats.log_prob,
             feats.sqnorms,
             feats.layer_names,
-            {**self.file_metadata(), "shard": shard.index},
+            {**self.file_metadata(), "shard": shard.index, "rows": [shard.row_start, shard.num_rows]},
             member_ids=feats.member_ids if s.group_size > 1 else None,
             split=split,
         )
-        storage.write_parquet(table, storage.join(s.features_uri, name))
+        name = shard_file(shard.index)
+        errors_file = storage.join(s.errors_uri, name)
+        # errors first, features last: a feature file marks its shard complete (resume relies on it)
         if errors:
-            storage.write_parquet(error_table(errors), storage.join(s.errors_uri, name))
-        moments = None
-        if split is not None:
-            fit_rows = feature_matrix(table, feats.layer_names, s.min_sqnorm)[split == 0]
-            moments = Moments.from_values(fit_rows).to_dict()
-        return {
-            "shard": shard.index,
-            "rows_in": shard.num_rows,
-            "rows_scored": int(feats.n_rows.sum()),
-            "rows_rejected": len(errors),
-            "feature_rows": len(feats.ids),
-            "seconds": time.perf_counter() - t0,
-            "moments": moments,
-        }
+            storage.write_parquet(error_table(errors), errors_file)
+        elif storage.exists(errors_file):  # left by an interrupted attempt of this shard
+            storage.delete_file(errors_file)
+        storage.write_parquet(table, storage.join(s.features_uri, name))
+        return shard_summary(shard, table, len(errors), s, time.perf_counter() - t0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = [self.process(shard) for shard in batch["shard"]]

@@ -48,6 +48,11 @@ def delete_dir_contents(location: str) -> None:
         fs.delete_dir_contents(path)
 
 
+def delete_file(location: str) -> None:
+    fs, path = filesystem(location)
+    fs.delete_file(path)
+
+
 def list_files(location: str, suffix: str = ".parquet") -> list[str]:
     """Files under a folder, sorted, as locations of the same kind (URI or local path)."""
     fs, path = filesystem(location)

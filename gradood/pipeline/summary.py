@@ -61,10 +61,22 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"scored {summary['scored']} + rejected {summary['rejected']} = {summary['inputs']} inputs "
         f"({summary['feature_rows']} feature rows, group_size {summary['group_size']}) -> {summary['output']}"
     )
+    if summary["skipped"] or summary["resumed_shards"] or summary["incomplete_sets"]:
+        log(
+            f"skipped {summary['skipped']} files {summary['skipped_reasons']}; resumed "
+            f"{summary['resumed_shards']} shards; {summary['incomplete_sets']} incomplete sets (not flagged)"
+        )
     log(
         f"flagged {summary['flagged']} of {summary['feature_rows']} rows at a false-discovery rate of "
         f"{summary['fdr']} ({summary['fdr_method']}, detector {summary['detector']})"
     )
+    drift = summary["drift"]
+    if drift["p_value"] is not None:
+        log(
+            f"drift test (night vs calibration, {drift['test']}): p = {drift['p_value']:.3g}, "
+            f"P(night > calibration) = {drift['effect']:.3f}"
+        )
+    log(f"report: {summary['output']}/report.html")
     log("top-10 most OOD: " + ", ".join(summary["top10"]))
     if "demo" not in summary:
         return

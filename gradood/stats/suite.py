@@ -174,7 +174,7 @@ class DetectorSuite(BaseEstimator):
 
     def _checked(self, X: Any) -> np.ndarray:  # noqa: N803
         check_is_fitted(self)
-        return validate_data(self, X, dtype=np.float64, reset=False)
+        return validate_data(self, X, dtype=np.float64, reset=False, ensure_min_samples=0)
 
     def ood_score(self, X: Any) -> np.ndarray:  # noqa: N803
         """The combined statistic T(x); higher = more OOD."""

@@ -1,0 +1,109 @@
+"""Run partitions, atomic publishing and the manifest of inputs seen, for nightly operation.
+
+Layout under ``output.uri``::
+
+    runs/<run id>/          one run: features/, errors/, scores/, summary.json, report.html, run.yaml
+    runs/<run id>/_SUCCESS  written last: a run without it is incomplete, whatever files it holds
+    runs.json               the top-level view: every published run, newest last (rewritten atomically)
+    manifest/run_id=<id>.parquet   the inputs a run scored (uri, size, mtime), read by incremental runs
+    detector.json, fit/     the detector, shared by every night (reused while its settings match)
+
+A run first unpublishes its own id (removes ``_SUCCESS`` and its ``runs.json`` entry), so a reader or
+the next night never takes a rerun in progress for a complete one; it publishes only after every output,
+the manifest included, is written. Object stores write each object atomically, so the marker order holds
+there too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gradood.pipeline import storage
+
+SUCCESS = "_SUCCESS"
+INDEX = "runs.json"
+
+
+def default_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+
+
+def run_dir(out: str, run_id: str) -> str:
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise ValueError(f"run.id must be a plain name (no '/', not hidden), got {run_id!r}")
+    return storage.join(out, "runs", run_id)
+
+
+def _index(out: str) -> list[dict[str, Any]]:
+    uri = storage.join(out, INDEX)
+    return storage.read_json(uri)["runs"] if storage.exists(uri) else []
+
+
+def _write_index(out: str, runs: list[dict[str, Any]]) -> None:
+    storage.write_json(storage.join(out, INDEX), {"runs": runs})
+
+
+def unpublish(out: str, run_id: str) -> None:
+    """Take a run out of the view before it is rewritten (no-op for a new run id)."""
+    marker = storage.join(run_dir(out, run_id), SUCCESS)
+    if storage.exists(marker):
+        storage.delete_file(marker)
+    runs = _index(out)
+    if any(r["run_id"] == run_id for r in runs):
+        _write_index(out, [r for r in runs if r["run_id"] != run_id])
+
+
+def publish(out: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Write the run's marker, then list it in the top-level view."""
+    entry = {
+        "run_id": run_id,
+        "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "path": run_dir(out, run_id),
+        **{k: summary[k] for k in ("inputs", "scored", "rejected", "skipped", "flagged")},
+    }
+    storage.write_json(storage.join(run_dir(out, run_id), SUCCESS), entry)
+    _write_index(out, [r for r in _index(out) if r["run_id"] != run_id] + [entry])
+
+
+def published_runs(out: str) -> list[str]:
+    """Ids of the runs in the view whose marker exists (a view entry without its marker is ignored)."""
+    return [r["run_id"] for r in _index(out) if storage.exists(storage.join(r["path"], SUCCESS))]
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("run_id", pa.string())]
+)
+
+
+def write_manifest(out: str, run_id: str, inputs: pa.Table) -> None:
+    table = inputs.append_column("run_id", pa.array([run_id] * inputs.num_rows, pa.string()))
+    storage.write_parquet(
+        table.cast(MANIFEST_SCHEMA), storage.join(out, "manifest", f"run_id={run_id}.parquet")
+    )
+
+
+def seen_inputs(out: str, except_run: str) -> pa.Table:
+    """Manifest rows of every published run but ``except_run`` (a rerun of a night selects as before)."""
+    runs = set(published_runs(out)) - {except_run}
+    tables = [
+        storage.read_parquet(storage.join(out, "manifest", f"run_id={r}.parquet"))
+        for r in sorted(runs)
+        if storage.exists(storage.join(out, "manifest", f"run_id={r}.parquet"))
+    ]
+    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+
+def new_or_changed(inputs: pa.Table, seen: pa.Table) -> pa.Table:
+    """Inputs whose (uri, size, mtime) no published run has scored."""
+    key = ["uri", "size", "mtime_ns"]
+    if seen.num_rows == 0:
+        return inputs
+    known = seen.select(key).group_by(key).aggregate([])
+    joined = inputs.join(
+        known.append_column("_seen", pa.array([True] * known.num_rows)), key, join_type="left outer"
+    )
+    return joined.filter(pc.is_null(joined.column("_seen"))).drop_columns(["_seen"]).sort_by("uri")

@@ -116,8 +116,10 @@ class FlagConfig:
 
 @dataclass
 class ExtractConfig:
-    #: at most this many rows per forward/backward pass; groups are never split across passes
+    #: at most this many rows per forward/backward pass on a CPU worker; groups are never split
     batch_size: int = 64
+    #: the same on a GPU worker (num_gpus_per_worker > 0), where larger passes keep the device busy
+    gpu_batch_size: int = 512
     #: B>1: features of the gradient of the summed log-likelihood of B consecutive rows
     group_size: int = 1
     #: loop | vmap | engine
@@ -141,6 +143,10 @@ class CorpusConfig:
     limit: int | None = None
     #: rows per demo source when uri=demo
     demo_rows_per_source: int = 500
+    #: pixels (width * height) above which an image is an error row (checked before decoding); null: no limit
+    max_pixels: int | None = 50_000_000
+    #: encoded bytes per image file or Parquet cell above which it is an error row; null: no limit
+    max_bytes: int | None = 67_108_864
 
 
 @dataclass

@@ -86,7 +86,11 @@ def _plan(shards: list[Shard], source: CorpusSource, settings: ExtractSettings, 
         "shards": [[s.row_start, s.num_rows] for s in shards],
         "locators_sha256": locators,
         "model_fingerprint": fingerprint,
-        **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("batch_size", "torch_threads")},
+        **{
+            k: v
+            for k, v in dataclasses.asdict(settings).items()
+            if k not in ("batch_size", "torch_threads", "use_gpu")
+        },
     }
 
 
@@ -141,23 +145,24 @@ def run_extraction(
     the moments of their fit rows.
     """
     ex = cfg.extract
-    if ex.batch_size < ex.group_size:
-        raise ValueError(
-            f"extract.batch_size={ex.batch_size} is smaller than extract.group_size={ex.group_size}"
-        )
+    use_gpu = ex.num_gpus_per_worker > 0
+    batch_size, key = (ex.gpu_batch_size, "gpu_batch_size") if use_gpu else (ex.batch_size, "batch_size")
+    if batch_size < ex.group_size:
+        raise ValueError(f"extract.{key}={batch_size} is smaller than extract.group_size={ex.group_size}")
     shards = source.shards(ex.shard_size, align=ex.group_size)
     features_uri, errors_uri = storage.join(out_uri, "features"), storage.join(out_uri, "errors")
     settings = ExtractSettings(
         features_uri=features_uri,
         errors_uri=errors_uri,
         group_size=ex.group_size,
-        batch_size=ex.batch_size,
+        batch_size=batch_size,
         seed=cfg.seed,
         method=ex.method,
         min_sqnorm=cfg.fit.min_sqnorm,
         image=dataclasses.asdict(cfg.image),
         torch_threads=ex.torch_threads,
         calibration_fraction=calibration_fraction,
+        use_gpu=use_gpu,
     )
     totals = ExtractionTotals()
     pending = _resume(shards, source, out_uri, settings, model_meta["fingerprint"], totals, on_shard)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from gradood.config import ScoreCorpusConfig, TrainJobConfig, to_yaml
 from gradood.data.images import ImageConverter
 from gradood.data.sources import CorpusSource, open_source
 from gradood.features import feature_layer_names
-from gradood.models.checkpoint import WEIGHTS_FILE, checkpoint_exists, model_from_bytes, read_checkpoint_meta
+from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, model_from_bytes
 from gradood.pipeline import storage
 from gradood.pipeline.extract import init_ray, log, run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
@@ -47,8 +46,10 @@ from gradood.stats.drift import drift_test
 def ensure_model(cfg: ScoreCorpusConfig) -> str:
     """The checkpoint directory, trained through Ray Train first when missing and train.if_missing."""
     ckpt = storage.absolute(cfg.model.checkpoint)
-    if checkpoint_exists(ckpt):
+    if all(storage.exists(storage.join(ckpt, name)) for name in (WEIGHTS_FILE, META_FILE)):
         return ckpt
+    if storage.is_uri(ckpt):
+        raise FileNotFoundError(f"no checkpoint at model.checkpoint={ckpt} ({WEIGHTS_FILE} + {META_FILE})")
     if not cfg.train.if_missing:
         raise FileNotFoundError(
             f"no checkpoint at model.checkpoint={cfg.model.checkpoint} and train.if_missing=false"
@@ -100,8 +101,8 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
 
     ckpt = ensure_model(cfg)
     # read once: the driver's model and every worker's come from the same bytes
-    weights = (Path(ckpt) / WEIGHTS_FILE).read_bytes()
-    model, model_meta = model_from_bytes(weights, read_checkpoint_meta(ckpt))
+    weights = storage.read_bytes(storage.join(ckpt, WEIGHTS_FILE))
+    model, model_meta = model_from_bytes(weights, storage.read_json(storage.join(ckpt, META_FILE)))
     layer_names = feature_layer_names(model)
     log(
         f"model {model_meta['model']} {model_meta['fingerprint'][:12]} from {ckpt}: {len(layer_names)} layers"

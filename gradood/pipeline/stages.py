@@ -157,6 +157,25 @@ class ExtractSettings:
     torch_threads: int = 1
     #: fit-set runs: share of rows held out for calibration (a ``split`` column, moments of fit rows only)
     calibration_fraction: float | None = None
+    #: the actor was given a GPU (num_gpus > 0); only then is CUDA touched
+    use_gpu: bool = False
+
+
+def extraction_device(use_gpu: bool) -> torch.device:
+    """The device of an extraction actor: the GPU Ray assigned it, or the CPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES to an actor's assigned GPUs, so its GPU is ``cuda:0``. An actor
+    without GPUs must not use ``torch.cuda.is_available()``: Ray 2.6x no longer hides a node's GPUs from
+    such actors, and it would initialise CUDA on a device another actor owns. TF32 is switched off: its
+    ~1e-3 relative error in float32 matmuls and convolutions exceeds the coverage check's tolerance.
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("extract.num_gpus_per_worker > 0, but this worker sees no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.device("cuda", 0)
 
 
 def shard_file(index: int) -> str:
@@ -222,7 +241,7 @@ class ShardFeatureWriter:
     ) -> None:
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = extraction_device(settings.use_gpu)
         self.model, meta = model_from_bytes(weights, model_meta, self.device)
         self.fingerprint = meta["fingerprint"]
         self.source = source

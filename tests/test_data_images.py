@@ -6,12 +6,12 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from gradood.data.images import ImageConverter, ImageDecodeError, decode_image
+from gradood.data.images import ImageConverter, ImageDecodeError, check_pixels, decode_image
 
 
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
 
 
@@ -115,6 +115,69 @@ def test_palette_and_bilevel():
     bits = rng.integers(0, 2, (8, 8)).astype(bool)
     out = ImageConverter("L", (8, 8))(Image.fromarray(bits))
     np.testing.assert_array_equal(out[0], np.where(bits, 255, 0))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "WEBP", "PNG"])
+def test_multi_frame_files_give_their_first_frame(fmt):
+    frames = [Image.fromarray(np.full((6, 6), value, np.uint8)) for value in (40, 200, 120)]
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    raw = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **extra)
+    assert Image.open(io.BytesIO(raw)).n_frames == 3
+    out = ImageConverter("L", (6, 6))(decode_image(raw))
+    np.testing.assert_array_equal(out[0], np.full((6, 6), 40, np.uint8))
+
+
+def test_tiff_modes():
+    """TIFF carries modes PNG and JPEG do not: float, 32-bit integer, bilevel, palette, CMYK."""
+    rng = np.random.default_rng(5)
+    to_l = ImageConverter("L", (4, 5))
+    floats = np.array([[-1.0, 0.0, 0.25, 0.5, 1.0]] * 3 + [[1.5, np.float32(1 / 255), 0.998, 0.002, 2.0]])
+    image = decode_image(encode(Image.fromarray(floats.astype(np.float32)), "TIFF"))
+    assert image.mode == "F"
+    expected = np.round(floats.astype(np.float32).astype(np.float64).clip(0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(to_l(image)[0], expected)
+    for bad in (np.nan, np.inf):
+        floats[0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            to_l(decode_image(encode(Image.fromarray(floats.astype(np.float32)), "TIFF")))
+
+    wide = rng.integers(0, 65536, (4, 5), dtype=np.uint16)
+    image = decode_image(encode(Image.fromarray(wide), "TIFF"))
+    assert image.mode == "I;16"
+    np.testing.assert_array_equal(to_l(image)[0], wide >> 8)
+    deep = np.array([[-5, 0, 255, 256, 70000]] * 4, dtype=np.int32)
+    image = decode_image(encode(Image.fromarray(deep), "TIFF"))
+    assert image.mode == "I"
+    np.testing.assert_array_equal(to_l(image)[0], deep.clip(0, 65535) >> 8)
+
+    bits = rng.integers(0, 2, (4, 5)).astype(bool)
+    np.testing.assert_array_equal(to_l(decode_image(encode(Image.fromarray(bits), "TIFF")))[0], bits * 255)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (4, 5), dtype=np.uint8)
+    indexed = Image.frombytes("P", (5, 4), index.tobytes())
+    indexed.putpalette(palette.tobytes())
+    out = ImageConverter("RGB", (4, 5))(decode_image(encode(indexed, "TIFF")))
+    np.testing.assert_array_equal(out.transpose(1, 2, 0), palette[index])
+    cmyk = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).convert("CMYK")
+    image = decode_image(encode(cmyk, "TIFF"))
+    assert image.mode == "CMYK"
+    np.testing.assert_array_equal(
+        ImageConverter("RGB", (4, 5))(image).transpose(1, 2, 0), cmyk.convert("RGB")
+    )
+
+
+def test_pixel_limit_is_checked_on_the_header():
+    check_pixels(8, 8, 64)
+    check_pixels(10**6, 10**6, None)
+    with pytest.raises(ImageDecodeError, match=r"^image too large: 9x8 = 72 pixels, over max_pixels=64$"):
+        check_pixels(9, 8, 64)
+    with pytest.raises(ImageDecodeError, match=r"^image has no pixels \(0x3\)$"):
+        check_pixels(0, 3, None)
+    raw = encode(Image.fromarray(np.zeros((4000, 4000), np.uint8)))
+    # decoding the data would succeed; the header alone is enough to refuse it
+    with pytest.raises(ImageDecodeError, match="16000000 pixels, over max_pixels=15999999"):
+        decode_image(raw, max_pixels=15_999_999)
+    assert decode_image(raw, max_pixels=16_000_000).size == (4000, 4000)
 
 
 def test_invalid_arguments():

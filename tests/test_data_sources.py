@@ -65,6 +65,12 @@ def test_folder_source(image_tree):
     root, expected = image_tree
     source = open_source(str(root))
     assert source.num_rows() == len(expected) == 8
+    # notes.txt, ._resource.png and .hidden/ghost.png are left out, and counted
+    assert source.skipped() == {
+        "hidden file": 1,
+        "inside a hidden folder": 1,
+        "not an image file extension": 1,
+    }
     loaded = load_all(source, L28)
     good = [path for path, pixels in expected.items() if pixels is not None]
     assert loaded.ids == good

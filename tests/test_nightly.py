@@ -187,11 +187,14 @@ def test_all_rejected_night_finishes_cleanly(local_ray, checkpoint, tmp_path):
 
 
 def test_incomplete_sets_are_marked_not_flagged_and_report_reads_right(local_ray, checkpoint, tmp_path):
-    corpus = write_png_folder(
-        tmp_path / "lake", n_id=12, n_ood=4
-    )  # 16 images + 1 corrupt (its set loses one)
+    # 16 images + 1 corrupt (its set loses one), and two files that are no inputs
+    corpus = write_png_folder(tmp_path / "lake", n_id=12, n_ood=4)
+    (corpus / ".DS_Store").write_bytes(b"\0")
+    (corpus / "README.txt").write_text("not an image")
     out = tmp_path / "out"
     summary = run(checkpoint, corpus, out, "run.id=sets", "extract.group_size=3", "run.report_top_k=4")
+    assert summary["inputs"] == 17 and summary["skipped"] == 2
+    assert summary["skipped_reasons"] == {"hidden file": 1, "not an image file extension": 1}
     table = pq.read_table(out / "runs" / "sets" / "scores").to_pandas()
     partial = table[~table["complete_set"]]
     assert (partial["n_rows"] < 3).all() and len(partial) == summary["incomplete_sets"] >= 1
@@ -204,6 +207,7 @@ def test_incomplete_sets_are_marked_not_flagged_and_report_reads_right(local_ray
     assert page.count("data:image/png") == 4 + 1  # the top-4 thumbnails and the histograms
     assert f'<td class="num">{summary["inputs"]}</td>' in page and "Drift test" in page
     assert "1 rejected rows by reason" in page and "not a recognised image format" in page
+    assert "hidden file" in page and "Skipped files" in page
     assert "http://" not in page and "https://" not in page
     drift = summary["drift"]
     assert drift["n_night"] == len(complete)

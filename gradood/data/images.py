@@ -6,13 +6,25 @@ Conversion rules, so that odd inputs land somewhere sensible instead of failing:
   the transparent pixels happen to store);
 - 16-bit greyscale (PIL modes ``I;16*`` and ``I``) keeps its top 8 bits; PIL's own conversion would
   clip every value above 255 to white;
-- every other mode (palette, bilevel, CMYK, YCbCr, float ...) goes through PIL's conversion to RGB,
+- float greyscale (mode ``F``, e.g. 32-bit float TIFF) is read as intensities in [0, 1], the float
+  convention of torchvision and scikit-image, scaled to 0..255 and saturated outside that range (PIL's
+  own conversion keeps the values, so [0, 1] floats would come out black); NaN or infinite pixels make
+  the row an error;
+- every other mode (palette, bilevel, CMYK, YCbCr ...) goes through PIL's conversion to RGB,
   then to the target mode (RGB -> L uses ITU-R 601-2 luma).
+
+Multi-frame files (animated GIF/WEBP/PNG, multi-page TIFF) contribute their first frame.
+
+Size guards run on the header, before any pixel data is decoded (``Image.open`` is lazy): an image over
+``max_pixels`` is rejected as a likely decompression bomb. Pillow's own guard (``Image.MAX_IMAGE_PIXELS``,
+about 89 MP, whose warning is made an error here) still applies on top, so ``max_pixels`` above it does
+not admit larger images.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -28,22 +40,45 @@ INTERPOLATIONS = {
 }
 _CHANNELS = {"L": 1, "RGB": 3}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: default pixel limit (width * height) per image: 50 MP, well above photographs a model is run on
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ImageDecodeError(ValueError):
     """An encoded image that cannot be decoded; the message is the reason recorded for the row."""
 
 
-def decode_image(raw: bytes) -> Image.Image:
-    """Fully decode ``raw`` (so truncated files fail here, not later inside a resize)."""
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse an image without pixels or with more than ``max_pixels`` (None: no limit of ours)."""
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {width}x{height} = {width * height} pixels, over max_pixels={max_pixels}"
+        )
+
+
+def decode_image(raw: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode the first frame of ``raw`` (so truncated files fail here, not later inside a resize).
+
+    The size is checked on the header before the pixel data is decoded, so a small file claiming
+    30000x30000 pixels costs nothing; Pillow's decompression-bomb warning is raised as an error too.
+    """
     if not raw:
         raise ImageDecodeError("empty file")
     try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))  # lazy: parses the header only
+            check_pixels(image.width, image.height, max_pixels)
+            image.load()
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError as err:
         raise ImageDecodeError(f"not a recognised image format ({len(raw)} bytes)") from err
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(f"image too large: {err}") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from err
     return image
 
@@ -52,6 +87,11 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image).astype(np.int64).clip(0, 65535)
         image = Image.fromarray((wide >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("float image has NaN or infinite pixels")
+        image = Image.fromarray(np.round(values.clip(0.0, 1.0) * 255.0).astype(np.uint8))
     if "A" in image.mode or "a" in image.mode or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

@@ -3,161 +3,60 @@
 Local paths and pyarrow filesystem URIs (s3://, gs://, file://, hdfs://) take one code path through
 ``pyarrow.fs.FileSystem.from_uri``, so what the tests exercise locally is what runs against a bucket.
 Sources are shipped to Ray actors: filesystem handles, listings and datasets are built lazily and left
-out of the pickled state. A row that cannot be read or decoded becomes an error entry, never an
-exception, so one bad file cannot take the good files of its shard down with it.
+out of the pickled state.
+
+Every entry found under a file source's URI is accounted for, in one of three ways:
+- an input row that decodes;
+- an input row that becomes an error entry with the reason, never an exception, so one bad file cannot
+  take the good files of its shard down with it: a file with an image extension whose content is not a
+  readable image (empty, truncated, HTML saved as .jpg ...), a file or Parquet cell over ``max_bytes``,
+  an image over ``max_pixels``, a Parquet file whose footer cannot be read (one row, id = the file URI),
+  Parquet rows of a row group that cannot be read;
+- a skipped entry, counted by reason in :meth:`CorpusSource.skipped` (see :mod:`gradood.data.listing`):
+  hidden files and folders, other extensions, broken symlinks, symlink loops, FIFOs and sockets. These
+  are not inputs a user expects scored, so they do not enter the row order.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image
 
+from gradood.data.base import DEFAULT_MAX_BYTES, CorpusSource, RawRow, Shard
 from gradood.data.fashion_mnist import TORCHVISION_ROOT, fashion_mnist_origin, load_fashion_mnist
-from gradood.data.images import ImageConverter, ImageDecodeError, decode_image
+from gradood.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageConverter,
+    ImageDecodeError,
+    check_pixels,
+    decode_image,
+)
+from gradood.data.listing import Listing, list_files, resolve
+from gradood.data.parquet import (
+    PARQUET_EXTENSION,
+    Footer,
+    read_footer,
+    read_payloads,
+    resolve_image_column,
+)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-PARQUET_EXTENSION = ".parquet"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 TORCHVISION_SCHEME = "torchvision"
-
-
-@dataclass(frozen=True)
-class RawRow:
-    """One undecoded row; ``index`` is its position in the source's full deterministic order."""
-
-    id: str
-    index: int
-    payload: bytes | np.ndarray | Image.Image | None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Rows ``[row_start, row_start + num_rows)`` (numbered like :attr:`RawRow.index`).
-
-    ``locator`` is whatever the source needs to read them without re-listing (file paths, Parquet
-    pieces, an index range); it stays small so shards travel cheaply to workers.
-    """
-
-    index: int
-    row_start: int
-    num_rows: int
-    locator: tuple
-
-
-class CorpusSource(ABC):
-    """A corpus in a fixed order; ``start``/``limit`` select a contiguous range of that order."""
-
-    kind: str = ""
-
-    def __init__(self, uri: str, start: int = 0, limit: int | None = None):
-        if start < 0 or (limit is not None and limit < 0):
-            raise ValueError(f"start and limit must be non-negative, got start={start}, limit={limit}")
-        self.uri = uri
-        self.start = start
-        self.limit = limit
-        self._cache: dict[str, Any] = {}
-
-    def __getstate__(self) -> dict:
-        # filesystem handles (with their credentials), listings and datasets are rebuilt where needed
-        return {**self.__dict__, "_cache": {}}
-
-    def _cached(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-    @abstractmethod
-    def _total_rows(self) -> int:
-        """Rows in the whole source, before start/limit."""
-
-    @abstractmethod
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        """The :attr:`Shard.locator` of rows ``[row_start, row_stop)`` of the full order."""
-
-    @abstractmethod
-    def read_shard(self, shard: Shard) -> Iterator[RawRow]:
-        """Exactly ``shard.num_rows`` rows, in order; unreadable ones carry ``error`` instead of raising."""
-
-    def num_rows(self) -> int:
-        total = self._total_rows()
-        if self.start > total:
-            raise ValueError(f"{self.uri}: start={self.start} is past the end of its {total} rows")
-        stop = total if self.limit is None else min(total, self.start + self.limit)
-        return stop - self.start
-
-    def shards(self, shard_size: int, align: int = 1) -> list[Shard]:
-        """Consecutive shards of at most ``shard_size`` rows whose boundaries are multiples of ``align``.
-
-        Boundaries count in the full order (like :attr:`RawRow.index`), so the groups consumers form as
-        ``index // align`` never straddle two shards. With ``start`` a multiple of ``align`` (the usual
-        case) every shard but the last holds a multiple of ``align`` rows; otherwise the first shard
-        ends at the first boundary. ``shard_size`` is rounded down to a multiple of ``align``.
-        """
-        if shard_size < 1 or align < 1:
-            raise ValueError(f"shard_size and align must be positive, got {shard_size} and {align}")
-        size = max(align, shard_size // align * align)
-        stop = self.start + self.num_rows()
-        shards: list[Shard] = []
-        row_start = self.start
-        while row_start < stop:
-            row_stop = min(stop, (row_start + size) // align * align)
-            shards.append(
-                Shard(len(shards), row_start, row_stop - row_start, self._locate(row_start, row_stop))
-            )
-            row_start = row_stop
-        return shards
-
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "uri": self.uri,
-            "start": self.start,
-            "limit": self.limit,
-            "num_rows": self.num_rows(),
-        }
+#: rows an unreadable Parquet file (no footer, so no row count) takes in the order: one, for its error
+_UNREADABLE_FILE_ROWS = 1
 
 
 # ---------------------------------------------------------------------------------------------
 # files on a pyarrow filesystem
-
-
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
-
-
-def _list_files(uri: str) -> list[str]:
-    """Every non-hidden file at or under ``uri``, sorted by path.
-
-    Hidden entries (a path component starting with ".") are skipped: macOS writes "._name.png"
-    resource forks and notebooks ".ipynb_checkpoints" folders that are not corpus images.
-    """
-    fs, root = _resolve(uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri} does not exist")
-    if info.type == pafs.FileType.File:
-        return [root]
-    selector = pafs.FileSelector(root, recursive=True)
-    files = []
-    for entry in fs.get_file_info(selector):
-        relative = entry.path[len(root) :].lstrip("/")
-        if entry.type == pafs.FileType.File and not any(part.startswith(".") for part in relative.split("/")):
-            files.append(entry.path)
-    return sorted(files)
 
 
 def _file_uri(uri: str, fs: pafs.FileSystem, path: str) -> str:
@@ -171,38 +70,65 @@ def _file_uri(uri: str, fs: pafs.FileSystem, path: str) -> str:
 
 
 class _FileSource(CorpusSource):
-    """Shared by folder and Parquet sources: a lazily opened filesystem and a filtered file listing."""
+    """Shared by folder and Parquet sources: a lazily opened filesystem and a listing of their files.
 
-    def __init__(self, uri: str, start: int = 0, limit: int | None = None, files: list[str] | None = None):
-        super().__init__(uri, start, limit)
-        if files is not None:
-            self._cache["listing"] = self._select(files)
+    A subclass names the extensions it reads (``what`` they hold, for messages); the listing's other
+    files are counted as skipped under ``skip_reason``.
+    """
 
-    @abstractmethod
-    def _select(self, files: list[str]) -> list[str]:
-        """The files of this source's kind among ``files``; raises ValueError when there are none."""
+    extensions: ClassVar[tuple[str, ...]]
+    what: ClassVar[str]
+    skip_reason: ClassVar[str]
+
+    def __init__(
+        self,
+        uri: str,
+        start: int = 0,
+        limit: int | None = None,
+        listing: Listing | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ):
+        super().__init__(uri, start, limit, max_pixels, max_bytes)
+        if listing is not None:
+            self._cache["scan"] = self._select(listing)
+
+    def _select(self, listing: Listing) -> Listing:
+        selected = listing.keep(self.extensions, self.skip_reason)
+        if not selected.files:
+            raise ValueError(f"no {self.what} under {self.uri} (looked for {', '.join(self.extensions)})")
+        return selected
 
     @property
     def _fs(self) -> pafs.FileSystem:
-        return self._cached("fs", lambda: _resolve(self.uri)[0])
+        return self._cached("fs", lambda: resolve(self.uri)[0])
+
+    def _scan(self) -> Listing:
+        """The one listing pass: this source's files and what it skipped."""
+        return self._cached("scan", lambda: self._select(list_files(self.uri)))
 
     def _listing(self) -> list[str]:
-        return self._cached("listing", lambda: self._select(_list_files(self.uri)))
+        """The input files in order (a separate key, so a copy can be narrowed to some of the files)."""
+        return self._cached("listing", lambda: list(self._scan().files))
+
+    def skipped(self) -> dict[str, int]:
+        return dict(self._scan().skipped)
 
     def _id_of(self, path: str) -> str:
         return _file_uri(self.uri, self._fs, path)
 
 
 class FolderSource(_FileSource):
-    """Image files (png, jpg, jpeg, bmp, webp; any case) at or under a path, sorted; id = file URI."""
+    """Image files (png, jpg, jpeg, bmp, webp, tif, tiff, gif; any case) at or under a path, sorted.
+
+    id = file URI. A file with an image extension is an input whatever its content: if it cannot be
+    read or decoded it is an error row, because it is a file the user expects scored.
+    """
 
     kind = "folder"
-
-    def _select(self, files: list[str]) -> list[str]:
-        images = [path for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
-        if not images:
-            raise ValueError(f"no images under {self.uri} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        return images
+    extensions = IMAGE_EXTENSIONS
+    what = "images"
+    skip_reason = "not an image file extension"
 
     def _total_rows(self) -> int:
         return len(self._listing())
@@ -213,52 +139,28 @@ class FolderSource(_FileSource):
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         for index, path in enumerate(shard.locator, start=shard.row_start):
             try:
-                with self._fs.open_input_stream(path) as stream:
-                    payload = stream.read()
+                with self._fs.open_input_file(path) as handle:
+                    # checked before reading, so an oversized file is never loaded
+                    error = self._oversize(handle.size(), "file")
+                    payload = None if error else handle.read()
             except OSError as err:
-                yield RawRow(self._id_of(path), index, None, f"cannot read file: {err}")
-                continue
-            yield RawRow(self._id_of(path), index, payload)
-
-
-# ---------------------------------------------------------------------------------------------
-# Parquet
-
-
-def _is_binary(dtype: pa.DataType) -> bool:
-    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype)
-
-
-def _is_image_field(field: pa.Field) -> bool:
-    """A binary column, or a struct with a binary ``bytes`` field (how Hugging Face datasets store images)."""
-    dtype = field.type
-    if pa.types.is_struct(dtype):
-        return dtype.get_field_index("bytes") >= 0 and _is_binary(dtype.field("bytes").type)
-    return _is_binary(dtype)
-
-
-def _image_column(schema: pa.Schema, name: str | None, where: str) -> str:
-    columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
-    if name is not None:
-        if name not in schema.names or not _is_image_field(schema.field(name)):
-            raise ValueError(
-                f"{where}: image_column {name!r} is not a binary or struct<bytes: binary> column; "
-                f"columns are [{columns}]"
-            )
-        return name
-    candidates = [field.name for field in schema if _is_image_field(field)]
-    if len(candidates) != 1:
-        raise ValueError(
-            f"{where}: cannot pick the image column, {len(candidates)} candidates {candidates} among "
-            f"[{columns}]; set image_column"
-        )
-    return candidates[0]
+                payload, error = None, f"cannot read file: {err}"
+            yield RawRow(self._id_of(path), index, payload, error)
 
 
 class ParquetSource(_FileSource):
-    """Rows of a Parquet file or a folder of them (sorted); id = f"{file_uri}#{row within the file}"."""
+    """Rows of a Parquet file or a folder of them (sorted); id = f"{file_uri}#{row within the file}".
+
+    A file whose footer cannot be read (truncated, empty, not Parquet) has no row count; it takes one
+    row of the order, an error row with id = the file URI, so that ``scored + rejected = inputs`` still
+    holds and every other file keeps its ids and row indices. Construction reads every footer (the
+    image column must be resolved and checked on the driver) and fails only when none is readable.
+    """
 
     kind = "parquet"
+    extensions = (PARQUET_EXTENSION,)
+    what = f"{PARQUET_EXTENSION} files"
+    skip_reason = f"not a {PARQUET_EXTENSION} file"
 
     def __init__(
         self,
@@ -266,77 +168,73 @@ class ParquetSource(_FileSource):
         image_column: str | None = None,
         start: int = 0,
         limit: int | None = None,
-        files: list[str] | None = None,
+        listing: Listing | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ):
-        super().__init__(uri, start, limit, files)
+        super().__init__(uri, start, limit, listing, max_pixels, max_bytes)
+        readable = [
+            (path, footer.schema)
+            for path, footer in zip(self._listing(), self._footers(), strict=True)
+            if footer.schema is not None
+        ]
+        if not readable:
+            first = self._id_of(self._listing()[0])
+            raise ValueError(
+                f"{uri}: none of its {len(self._listing())} Parquet files is readable ({first}: "
+                f"{self._footers()[0].error})"
+            )
         # resolved once here, so workers read the column without re-detecting it
-        self.image_column = _image_column(self._schema(self._listing()[0]), image_column, uri)
+        self.image_column = resolve_image_column(readable[0][1], image_column, uri)
+        for path, schema in readable[1:]:
+            resolve_image_column(schema, self.image_column, self._id_of(path))
 
-    def _select(self, files: list[str]) -> list[str]:
-        tables = [path for path in files if path.lower().endswith(PARQUET_EXTENSION)]
-        if not tables:
-            raise ValueError(f"no {PARQUET_EXTENSION} files under {self.uri}")
-        return tables
-
-    def _schema(self, path: str) -> pa.Schema:
-        with self._fs.open_input_file(path) as handle:
-            return pq.ParquetFile(handle).schema_arrow
+    def _footers(self) -> list[Footer]:
+        return self._cached("footers", lambda: [read_footer(self._fs, path) for path in self._listing()])
 
     def _row_counts(self) -> list[int]:
-        def count() -> list[int]:
-            counts = []
-            for path in self._listing():
-                with self._fs.open_input_file(path) as handle:
-                    parquet = pq.ParquetFile(handle)
-                    _image_column(parquet.schema_arrow, self.image_column, self._id_of(path))
-                    counts.append(parquet.metadata.num_rows)
-            return counts
-
-        return self._cached("row_counts", count)
+        return [_UNREADABLE_FILE_ROWS if footer.error else footer.num_rows for footer in self._footers()]
 
     def _total_rows(self) -> int:
         return sum(self._row_counts())
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:
+        """(path, first row, stop row, footer error or None) per file in ``[row_start, row_stop)``."""
         pieces = []
         offset = 0
-        for path, count in zip(self._listing(), self._row_counts(), strict=True):
+        for path, footer, count in zip(self._listing(), self._footers(), self._row_counts(), strict=True):
             lo, hi = max(row_start, offset), min(row_stop, offset + count)
             if lo < hi:
-                pieces.append((path, lo - offset, hi - offset))
+                pieces.append((path, lo - offset, hi - offset, footer.error))
             offset += count
         return tuple(pieces)
 
     def describe(self) -> dict:
-        return {**super().describe(), "image_column": self.image_column, "files": len(self._listing())}
+        return {
+            **super().describe(),
+            "image_column": self.image_column,
+            "files": len(self._listing()),
+            "unreadable_files": sum(footer.error is not None for footer in self._footers()),
+        }
 
-    def _read_piece(self, path: str, lo: int, hi: int) -> Iterator[Any]:
-        """Payloads of rows [lo, hi) of one file, reading only the image column of the row groups needed."""
-        with self._fs.open_input_file(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            is_struct = pa.types.is_struct(parquet.schema_arrow.field(self.image_column).type)
-            column = f"{self.image_column}.bytes" if is_struct else self.image_column
-            offset = 0
-            for group in range(parquet.metadata.num_row_groups):
-                count = parquet.metadata.row_group(group).num_rows
-                first, stop = max(lo, offset), min(hi, offset + count)
-                if first < stop:
-                    values = parquet.read_row_group(group, columns=[column]).column(0)
-                    values = values.slice(first - offset, stop - first).combine_chunks()
-                    # flatten (unlike .field) keeps the struct's own nulls
-                    yield from (values.flatten()[0] if is_struct else values).to_pylist()
-                offset += count
+    def _row_error(self, payload: bytes | None) -> str | None:
+        if payload is None:
+            return f"null in column {self.image_column!r}"
+        return self._oversize(len(payload), "row")
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         index = shard.row_start
-        for path, lo, hi in shard.locator:
+        for path, lo, hi, footer_error in shard.locator:
             file_uri = self._id_of(path)
+            if footer_error is not None:
+                yield RawRow(file_uri, index, None, footer_error)
+                index += 1
+                continue
             row = lo
             reason = "file has fewer rows than when it was listed"
             try:
-                for payload in self._read_piece(path, lo, hi):
-                    error = None if payload is not None else f"null in column {self.image_column!r}"
-                    yield RawRow(f"{file_uri}#{row}", index, payload, error)
+                for payload, error in read_payloads(self._fs, path, self.image_column, lo, hi):
+                    yield RawRow(f"{file_uri}#{row}", index, payload, error or self._row_error(payload))
                     row, index = row + 1, index + 1
             except (OSError, pa.ArrowException) as err:
                 reason = f"cannot read Parquet rows: {err}"
@@ -367,8 +265,15 @@ class TorchvisionSource(CorpusSource):
 
     kind = "torchvision"
 
-    def __init__(self, uri: str, start: int = 0, limit: int | None = None):
-        super().__init__(uri, start, limit)
+    def __init__(
+        self,
+        uri: str,
+        start: int = 0,
+        limit: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ):
+        super().__init__(uri, start, limit, max_pixels, max_bytes)
         parsed = urlsplit(uri)
         if parsed.scheme != TORCHVISION_SCHEME or not parsed.netloc or parsed.path not in ("", "/"):
             raise ValueError(f"expected torchvision://Name?split=train|test, got {uri!r}")
@@ -449,23 +354,33 @@ class TorchvisionSource(CorpusSource):
 
 
 def open_source(
-    uri: str, image_column: str | None = None, start: int = 0, limit: int | None = None
+    uri: str,
+    image_column: str | None = None,
+    start: int = 0,
+    limit: int | None = None,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> CorpusSource:
-    """The source behind ``uri``: torchvision://..., a Parquet file or folder, or a folder of images."""
+    """The source behind ``uri``: torchvision://..., a Parquet file or folder, or a folder of images.
+
+    A folder is listed once here; the source keeps that listing (and its skipped counts).
+    """
+    limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
     if urlsplit(uri).scheme == TORCHVISION_SCHEME:
         if image_column is not None:
             raise ValueError("image_column applies to Parquet sources only")
-        return TorchvisionSource(uri, start, limit)
-    files = _list_files(uri)
-    has_parquet = any(path.lower().endswith(PARQUET_EXTENSION) for path in files)
-    has_images = any(path.lower().endswith(IMAGE_EXTENSIONS) for path in files)
+        return TorchvisionSource(uri, start, limit, **limits)
+    listing = list_files(uri)
+    has_parquet = any(path.lower().endswith(PARQUET_EXTENSION) for path in listing.files)
+    has_images = any(path.lower().endswith(IMAGE_EXTENSIONS) for path in listing.files)
     if has_parquet and has_images:
         raise ValueError(f"{uri} holds both Parquet files and image files; point at one or the other")
     if has_parquet:
-        return ParquetSource(uri, image_column, start, limit, files=files)
+        return ParquetSource(uri, image_column, start, limit, listing, **limits)
     if image_column is not None:
         raise ValueError(f"image_column applies to Parquet sources only, {uri} has no .parquet files")
-    return FolderSource(uri, start, limit, files=files)
+    return FolderSource(uri, start, limit, listing, **limits)
 
 
 @dataclass
@@ -478,25 +393,30 @@ class LoadedRows:
     errors: list[tuple[str, int, str]]
 
 
-def _convert(payload: Any, converter: ImageConverter) -> np.ndarray:
+def _convert(payload: Any, converter: ImageConverter, max_pixels: int | None) -> np.ndarray:
+    """Decoded arrays (in-memory datasets) go straight to the converter, which checks their shape."""
     if payload is None:
         raise ImageDecodeError("no image data")
     if isinstance(payload, bytes | bytearray | memoryview):
-        payload = decode_image(bytes(payload))
+        payload = decode_image(bytes(payload), max_pixels)
+    elif isinstance(payload, Image.Image):
+        check_pixels(payload.width, payload.height, max_pixels)
     try:
         return converter(payload)
     except (ValueError, OSError) as err:
         raise ImageDecodeError(f"cannot convert image: {err}") from err
 
 
-def _collect(rows: Iterable[RawRow], converter: ImageConverter, expected: int, where: str) -> LoadedRows:
+def _collect(
+    rows: Iterable[RawRow], converter: ImageConverter, expected: int, where: str, max_pixels: int | None
+) -> LoadedRows:
     ids, indices, images, errors = [], [], [], []
     for row in rows:
         if row.error is not None:
             errors.append((row.id, row.index, row.error))
             continue
         try:
-            images.append(_convert(row.payload, converter))
+            images.append(_convert(row.payload, converter, max_pixels))
         except ImageDecodeError as err:
             errors.append((row.id, row.index, str(err)))
             continue
@@ -510,11 +430,12 @@ def _collect(rows: Iterable[RawRow], converter: ImageConverter, expected: int, w
 
 def load_rows(source: CorpusSource, shard: Shard, converter: ImageConverter) -> LoadedRows:
     """Decode and convert one shard; every row ends up in ``ids`` or in ``errors``."""
-    return _collect(source.read_shard(shard), converter, shard.num_rows, f"{source.uri} shard {shard.index}")
+    where = f"{source.uri} shard {shard.index}"
+    return _collect(source.read_shard(shard), converter, shard.num_rows, where, source.max_pixels)
 
 
 def load_all(source: CorpusSource, converter: ImageConverter) -> LoadedRows:
     """Every selected row of ``source`` in order (training sets, fit sets, tests)."""
     shards = source.shards(max(1, source.num_rows()))
     rows = chain.from_iterable(source.read_shard(shard) for shard in shards)
-    return _collect(rows, converter, source.num_rows(), source.uri)
+    return _collect(rows, converter, source.num_rows(), source.uri, source.max_pixels)

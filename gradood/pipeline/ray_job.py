@@ -70,7 +70,13 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> tuple[Corpus
 
         corpus_uri = storage.join(out, "demo_corpus")
         build_demo_corpus(corpus_uri, rows_per_source=cfg.corpus.demo_rows_per_source, seed=cfg.seed)
-    source = open_source(corpus_uri, image_column=cfg.corpus.image_column, limit=cfg.corpus.limit)
+    source = open_source(
+        corpus_uri,
+        image_column=cfg.corpus.image_column,
+        limit=cfg.corpus.limit,
+        max_pixels=cfg.corpus.max_pixels,
+        max_bytes=cfg.corpus.max_bytes,
+    )
     inputs = source_inputs(source)
     if not cfg.run.incremental:
         return source, inputs

@@ -1,0 +1,146 @@
+"""The abstractions every corpus source shares: raw rows, shards and :class:`CorpusSource`.
+
+A source is a fixed order of rows; shards are contiguous ranges of it that travel to Ray workers. The
+per-row size limits live here because every source applies them the same way: an oversized row is an
+error row, never an exception.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gradood.data.images import DEFAULT_MAX_PIXELS
+
+#: default limit on the encoded bytes of one image file or Parquet cell: 64 MiB
+DEFAULT_MAX_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One undecoded row; ``index`` is its position in the source's full deterministic order."""
+
+    id: str
+    index: int
+    payload: bytes | np.ndarray | Image.Image | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[row_start, row_start + num_rows)`` (numbered like :attr:`RawRow.index`).
+
+    ``locator`` is whatever the source needs to read them without re-listing (file paths, Parquet
+    pieces, an index range); it stays small so shards travel cheaply to workers.
+    """
+
+    index: int
+    row_start: int
+    num_rows: int
+    locator: tuple
+
+
+class CorpusSource(ABC):
+    """A corpus in a fixed order; ``start``/``limit`` select a contiguous range of that order."""
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        uri: str,
+        start: int = 0,
+        limit: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ):
+        """``max_pixels`` (width * height) and ``max_bytes`` (encoded bytes of a file or Parquet cell;
+        sources that hand over decoded images ignore it) turn oversized rows into error rows; None: no
+        limit."""
+        if start < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"start and limit must be non-negative, got start={start}, limit={limit}")
+        for name, value in (("max_pixels", max_pixels), ("max_bytes", max_bytes)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        self.uri = uri
+        self.start = start
+        self.limit = limit
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self._cache: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict:
+        # filesystem handles (with their credentials), listings and datasets are rebuilt where needed
+        return {**self.__dict__, "_cache": {}}
+
+    def _cached(self, key: str, build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @abstractmethod
+    def _total_rows(self) -> int:
+        """Rows in the whole source, before start/limit."""
+
+    @abstractmethod
+    def _locate(self, row_start: int, row_stop: int) -> tuple:
+        """The :attr:`Shard.locator` of rows ``[row_start, row_stop)`` of the full order."""
+
+    @abstractmethod
+    def read_shard(self, shard: Shard) -> Iterator[RawRow]:
+        """Exactly ``shard.num_rows`` rows, in order; unreadable ones carry ``error`` instead of raising."""
+
+    def num_rows(self) -> int:
+        total = self._total_rows()
+        if self.start > total:
+            raise ValueError(f"{self.uri}: start={self.start} is past the end of its {total} rows")
+        stop = total if self.limit is None else min(total, self.start + self.limit)
+        return stop - self.start
+
+    def shards(self, shard_size: int, align: int = 1) -> list[Shard]:
+        """Consecutive shards of at most ``shard_size`` rows whose boundaries are multiples of ``align``.
+
+        Boundaries count in the full order (like :attr:`RawRow.index`), so the groups consumers form as
+        ``index // align`` never straddle two shards. With ``start`` a multiple of ``align`` (the usual
+        case) every shard but the last holds a multiple of ``align`` rows; otherwise the first shard
+        ends at the first boundary. ``shard_size`` is rounded down to a multiple of ``align``.
+        """
+        if shard_size < 1 or align < 1:
+            raise ValueError(f"shard_size and align must be positive, got {shard_size} and {align}")
+        size = max(align, shard_size // align * align)
+        stop = self.start + self.num_rows()
+        shards: list[Shard] = []
+        row_start = self.start
+        while row_start < stop:
+            row_stop = min(stop, (row_start + size) // align * align)
+            shards.append(
+                Shard(len(shards), row_start, row_stop - row_start, self._locate(row_start, row_stop))
+            )
+            row_start = row_stop
+        return shards
+
+    def skipped(self) -> dict[str, int]:
+        """Entries found under the URI that are not inputs, reason -> count; empty if none were left out."""
+        return {}
+
+    def _oversize(self, size: int, what: str) -> str | None:
+        """The error for a payload of ``size`` encoded bytes over ``max_bytes``, else None."""
+        if self.max_bytes is not None and size > self.max_bytes:
+            return f"{what} is {size} bytes, over max_bytes={self.max_bytes}"
+        return None
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "uri": self.uri,
+            "start": self.start,
+            "limit": self.limit,
+            "num_rows": self.num_rows(),
+            "max_pixels": self.max_pixels,
+            "max_bytes": self.max_bytes,
+            "skipped_files": self.skipped(),
+        }

@@ -82,16 +82,8 @@ class FitConfig:
     refit: bool = False
 
 
-class DetectorName(StrEnum):
-    """Which test's score and p-value rank and flag the corpus: the combination or one single test."""
-
-    combined = "combined"
-    paper = "paper"
-    fullcov = "fullcov"
-    fisher_layers = "fisher_layers"
-    gradnorm = "gradnorm"
-    typicality = "typicality"
-    nll = "nll"
+#: which test's score and p-value rank and flag the corpus: the combination or one single test
+DetectorName = StrEnum("DetectorName", {"combined": "combined", **{t.name: t.value for t in TestName}})
 
 
 @dataclass

@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 
 from gradood.config import CONF_DIR, ScoreCorpusConfig, load_config
 from gradood.pipeline import ray_job, storage
 from gradood.stats import TestName
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_held_out_in_distribution_p_values_are_calibrated(local_ray, tmp_path):

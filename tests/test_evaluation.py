@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from scipy.stats import false_discovery_control
 from test_data_fashion_mnist import write_fake_mnist
 
@@ -16,13 +15,6 @@ from gradood.evaluation.run import run_evaluation
 from gradood.stats import ood_metrics
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):

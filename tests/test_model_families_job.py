@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.models.checkpoint import load_checkpoint
@@ -28,13 +27,6 @@ TINY = {
     "vae": {"hidden_channels": 8, "latent_dim": 4},
     "pixelcnn": {"channels": 8, "num_layers": 2, "head_channels": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

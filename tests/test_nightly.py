@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from gradood.config import ScoreCorpusConfig, load_config
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 FIT = ["fit.uri=torchvision://FashionMNIST?split=test", "fit.size=40"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

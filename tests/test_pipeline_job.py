@@ -23,13 +23,6 @@ FIT_URI = "torchvision://FashionMNIST?split=test"
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     return {

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from gradood.data.images import DEFAULT_MAX_PIXELS
@@ -126,6 +127,14 @@ class CorpusSource(ABC):
     def skipped(self) -> dict[str, int]:
         """Entries found under the URI that are not inputs, reason -> count; empty if none were left out."""
         return {}
+
+    def input_files(self) -> pa.Table | None:
+        """(uri, size, mtime_ns) of every input file, for a night's manifest; None: not a file source."""
+        return None
+
+    def with_files(self, uris: list[str]) -> CorpusSource:
+        """The same source narrowed to the input files ``uris`` (ids and decoding unchanged)."""
+        raise TypeError(f"{type(self).__name__} has no input files to select")
 
     def _oversize(self, size: int, what: str) -> str | None:
         """The error for a payload of ``size`` encoded bytes over ``max_bytes``, else None."""

@@ -19,6 +19,7 @@ Every entry found under a file source's URI is accounted for, in one of three wa
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -113,6 +114,23 @@ class _FileSource(CorpusSource):
 
     def skipped(self) -> dict[str, int]:
         return dict(self._scan().skipped)
+
+    def input_files(self) -> pa.Table:
+        paths = self._listing()
+        infos = self._fs.get_file_info(paths) if paths else []
+        return pa.table(
+            {
+                "uri": pa.array([self._id_of(p) for p in paths], pa.string()),
+                "size": pa.array([int(i.size or 0) for i in infos], pa.int64()),
+                "mtime_ns": pa.array([int(i.mtime_ns or 0) for i in infos], pa.int64()),
+            }
+        )
+
+    def with_files(self, uris: list[str]) -> _FileSource:
+        keep = set(uris)
+        narrowed = copy.copy(self)
+        narrowed._cache = {**self._cache, "listing": [p for p in self._listing() if self._id_of(p) in keep]}
+        return narrowed
 
     def _id_of(self, path: str) -> str:
         return _file_uri(self.uri, self._fs, path)

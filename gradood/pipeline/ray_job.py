@@ -13,7 +13,6 @@ import dataclasses
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,8 +25,6 @@ from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, model_from_bytes
 from gradood.pipeline import storage
 from gradood.pipeline.extract import init_ray, log, run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
-from gradood.pipeline.inputs import skipped as skipped_files
-from gradood.pipeline.inputs import source_inputs, with_files
 from gradood.pipeline.publish import (
     default_run_id,
     new_or_changed,
@@ -38,7 +35,7 @@ from gradood.pipeline.publish import (
     write_manifest,
 )
 from gradood.pipeline.report import write_run_report
-from gradood.pipeline.score import SCORE_CONVENTION, score_features, write_scores
+from gradood.pipeline.score import SCORE_CONVENTION, calibration_scores, score_features, write_scores
 from gradood.pipeline.summary import demo_report, print_summary
 from gradood.stats.drift import drift_test
 
@@ -77,7 +74,7 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> tuple[Corpus
         max_pixels=cfg.corpus.max_pixels,
         max_bytes=cfg.corpus.max_bytes,
     )
-    inputs = source_inputs(source)
+    inputs = source.input_files()
     if not cfg.run.incremental:
         return source, inputs
     if inputs is None or cfg.corpus.limit is not None:
@@ -90,7 +87,7 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> tuple[Corpus
         f"incremental: {new.num_rows} of {inputs.num_rows} input files are new or changed since the "
         "published runs"
     )
-    return with_files(source, new.column("uri").to_pylist()), new
+    return source.with_files(new.column("uri").to_pylist()), new
 
 
 def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
@@ -136,7 +133,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     }
     write_scores(scores, storage.join(run_uri, "scores"), meta)
     complete = scores.column("complete_set").to_numpy(zero_copy_only=False)
-    skipped = skipped_files(source)
+    skipped = source.skipped()
     summary: dict[str, Any] = {
         "run_id": run_id,
         "output": run_uri,
@@ -155,7 +152,8 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
         "drift": drift_test(
-            scores.column("ood_score").to_numpy()[complete], calibration_scores(detector, cfg)
+            scores.column("ood_score").to_numpy()[complete],
+            calibration_scores(detector, cfg.detect.detector.value),
         ),
         "top10": scores.column("id").to_pylist()[:10],
         "seconds": {
@@ -178,11 +176,3 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     publish(out, run_id, summary)
     print_summary(summary)
     return summary
-
-
-def calibration_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig) -> np.ndarray:
-    """The held-out scores behind the chosen test's p-values: the drift test's reference sample."""
-    test = cfg.detect.detector.value
-    suite = detector["suite"]
-    entry = suite["combined_calibration"] if test == "combined" else suite["calibration"][test]
-    return np.asarray(entry["scores"], np.float64)

@@ -18,7 +18,6 @@ from gradood.config import ScoreCorpusConfig
 from gradood.pipeline import storage
 from gradood.pipeline.stages import Scorer
 from gradood.stats.conformal import fdr_flags, q_values_from_index
-from gradood.stats.suite import DetectorSuite
 
 SCORE_CONVENTION = (
     "ood_score: the chosen test's statistic, higher = more OOD, rank 1 = most OOD; p_value: conformal "
@@ -30,8 +29,15 @@ FIRST_COLUMNS = [
 ]  # fmt: skip
 
 
+def calibration_scores(detector: dict[str, Any], test: str) -> np.ndarray:
+    """The held-out scores behind ``test``'s p-values (the drift test's reference sample as well)."""
+    suite = detector["suite"]
+    entry = suite["combined_calibration"] if test == "combined" else suite["calibration"][test]
+    return np.asarray(entry["scores"], np.float64)
+
+
 def calibration_size(detector: dict[str, Any], test: str) -> int:
-    return DetectorSuite.from_dict(detector["suite"]).calibration_size(test)
+    return len(calibration_scores(detector, test))
 
 
 def score_features(features_uri: str, detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:

@@ -3,9 +3,11 @@
 Settings: conf/train.yaml (model from conf/model/glow.yaml; `model=NAME` picks another) or the YAML given
 with --config (conf/train_quality.yaml: the paper-size run), overridable as dotlist arguments, e.g.
 `train.epochs=10 train.num_workers=2`. Without RAY_ADDRESS it starts an embedded local Ray; under
-`ray job submit` it attaches to the cluster. Rerunning with the same
-train.name and train.storage_path resumes from the last finished epoch. Prints the exported checkpoint
-directory, its fingerprint and the final bits/dim.
+`ray job submit` it attaches to the cluster. The training rows are read through Ray Data, block by
+block, and split between the workers (no worker loads the whole set). On a multi-node cluster
+train.storage_path (the Ray Train run) and model.checkpoint (the export) should be shared storage,
+e.g. s3://bucket/ray_train. Rerunning with the same train.name and train.storage_path resumes from the
+last finished epoch. Prints the exported checkpoint location, its fingerprint and the final bits/dim.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ def main(argv: list[str]) -> int:
     from gradood.pipeline.ray_job import init_ray
     from gradood.train import train_model
 
-    # embedded Ray gets at least the CPUs the workers ask for, else they would never be scheduled
-    init_ray(cfg.ray.num_cpus, min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker)
+    # embedded Ray gets at least the CPUs the workers ask for, plus one for the Ray Data tasks that read
+    # the training rows, else they would never be scheduled
+    from gradood.train.data import READ_CPUS
+
+    init_ray(cfg.ray.num_cpus, min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + READ_CPUS)
 
     result = train_model(cfg)
     print(f"checkpoint: {result.checkpoint_dir}")

@@ -1,5 +1,6 @@
-"""Training: reproducible order and noise, sharding, warmup, exact resume, and the Ray Train job itself
-(end to end through train_model, resume of a stopped run without re-running the ActNorm init)."""
+"""Training: noise, warmup, the Ray Data input path (rows split between workers, each once per epoch),
+reproducible and exact-resume epochs, and the Ray Train job itself (end to end through train_model,
+with URI storage, resume of a stopped run without re-running the ActNorm init)."""
 
 import dataclasses
 import json
@@ -15,7 +16,15 @@ from gradood.models import build_model
 from gradood.models.checkpoint import load_checkpoint, model_fingerprint
 from gradood.models.glow import ActNorm
 from gradood.seeding import row_seed
-from gradood.train.loop import EpochRunner, epoch_order, init_from_data, load_train_rows, row_noise, warmup_lr
+from gradood.train.data import (
+    data_config,
+    epoch_batches,
+    init_batch,
+    model_converter,
+    train_dataset,
+    train_source,
+)
+from gradood.train.loop import EpochRunner, TrainBatch, init_from_data, row_noise, warmup_lr
 from gradood.train.worker import TrainingLoss, read_checkpoint, write_checkpoint
 
 TINY_GLOW = dict(num_steps=1, hidden_channels=8)
@@ -34,14 +43,15 @@ def tiny_config(tmp_path, **train) -> TrainJobConfig:
 
 
 def fresh(cfg: TrainJobConfig):
+    """A freshly initialised model (as a worker builds it) and every training row, read directly."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.params)
-    return model, load_train_rows(cfg, model)
+    return model, init_batch(train_source(cfg), model_converter(model, cfg), cfg.train.limit)
 
 
 def runner_for(model, cfg: TrainJobConfig) -> EpochRunner:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    return EpochRunner(model, TrainingLoss(model), optimizer, cfg, cfg.train.batch_size, torch.device("cpu"))
+    return EpochRunner(model, TrainingLoss(model), optimizer, cfg, torch.device("cpu"))
 
 
 def float64_bpd(model, images: torch.Tensor, noise: dict[str, torch.Tensor]) -> float:
@@ -53,14 +63,6 @@ def float64_bpd(model, images: torch.Tensor, noise: dict[str, torch.Tensor]) -> 
 
 
 # --- pieces of the loop -------------------------------------------------------------------------
-
-
-def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
-    order = epoch_order(1000, seed=7, epoch=2)
-    np.testing.assert_array_equal(np.sort(order.numpy()), np.arange(1000))
-    assert torch.equal(order, epoch_order(1000, seed=7, epoch=2))
-    assert not torch.equal(order, epoch_order(1000, seed=7, epoch=3))
-    assert not torch.equal(order, epoch_order(1000, seed=8, epoch=2))
 
 
 def test_row_noise_depends_on_seed_row_and_epoch_only():
@@ -81,38 +83,79 @@ def test_row_noise_depends_on_seed_row_and_epoch_only():
     assert not torch.equal(other_epoch, batch) and not torch.equal(other_seed, batch)
 
 
-def test_rank_strided_shards_partition_the_rows(tmp_path):
-    cfg = tiny_config(tmp_path, limit=103)
-    _, rows = fresh(cfg)
-    shards = [rows.shard(rank, 4) for rank in range(4)]
-    assert {len(s) for s in shards} == {25}  # 103 // 4: equal step counts on every rank
-    assert sorted(i for s in shards for i in s.ids) == sorted(rows.ids[:100])
-    for rank, shard in enumerate(shards):
-        assert shard.ids == rows.ids[rank:100:4]
-        torch.testing.assert_close(shard.images, rows.images[rank:100:4], rtol=0, atol=0)
-
-
 def test_warmup_is_linear_then_flat():
     lrs = [warmup_lr(step, 1e-3, 4) for step in range(6)]
     np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert warmup_lr(0, 1e-3, 0) == 1e-3
 
 
-def test_training_lowers_float64_bpd_and_is_reproducible(tmp_path):
-    cfg = tiny_config(tmp_path, epochs=3)
+# --- the Ray Data input path, in this process -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(local_ray, tmp_path_factory):
+    """The training Dataset of the tiny config, in 3 blocks so that shuffling and splitting have blocks to
+    move, and every row read directly for comparison."""
+    cfg = tiny_config(tmp_path_factory.mktemp("data"), limit=100)
+    model, rows = fresh(cfg)
+    ds, init, origin = train_dataset(cfg, model, rows_per_block=40)
+    return cfg, ds, init, origin, rows
+
+
+def test_dataset_holds_the_decoded_rows_shuffled_by_the_seed(dataset):
+    cfg, ds, init, origin, rows = dataset
+    assert origin["num_rows"] == 100 and origin["blocks"] == 3 and origin["kind"] == "torchvision"
+    batches = list(epoch_batches(ds.iterator(), 32, cfg.seed, epoch=1))
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    ids = [i for b in batches for i in b.ids]
+    assert sorted(ids) == sorted(rows.ids) and ids != rows.ids  # every row once, not in source order
+    by_id = dict(zip(rows.ids, rows.images, strict=True))
+    for batch in batches:
+        assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (1, 28, 28)
+        for rid, index, image in zip(batch.ids, batch.index.tolist(), batch.images, strict=True):
+            assert rid == f"FashionMNIST:train:{index}"
+            torch.testing.assert_close(image, by_id[rid], rtol=0, atol=0)
+    # the same epoch again gives the same batches; the next epoch another order of the same rows
+    again = [i for b in epoch_batches(ds.iterator(), 32, cfg.seed, epoch=1) for i in b.ids]
+    epoch2 = [i for b in epoch_batches(ds.iterator(), 32, cfg.seed, epoch=2) for i in b.ids]
+    assert again == ids and epoch2 != ids and sorted(epoch2) == sorted(ids)
+    # the init rows: the first init_rows in source order, decoded on the driver
+    assert init.ids == rows.ids[: cfg.train.init_rows]
+    torch.testing.assert_close(init.images, rows.images[: cfg.train.init_rows], rtol=0, atol=0)
+
+
+def test_undecodable_rows_drop_out_of_the_dataset(local_ray, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not a png")
+    cfg = tiny_config(tmp_path, uri=str(folder), limit=None, init_rows=4)
+    ds, init, origin = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=2)
+    assert origin["num_rows"] == 6 and origin["blocks"] == 3
+    names = [i.rsplit("/", 1)[1] for b in epoch_batches(ds.iterator(), 8, cfg.seed, epoch=1) for i in b.ids]
+    assert sorted(names) == ["0.png", "1.png", "2.png", "4.png", "5.png"]
+    assert [i.rsplit("/", 1)[1] for i in init.ids] == ["0.png", "1.png", "2.png", "4.png"]
+
+
+def test_training_lowers_float64_bpd_and_is_reproducible(dataset):
+    cfg, ds, init, _, rows = dataset
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
     fingerprints, bpds = [], []
     for _ in range(2):
-        model, rows = fresh(cfg)
-        init_from_data(model, rows, cfg)
+        model, _ = fresh(cfg)
+        init_from_data(model, init, cfg)
         probe = row_noise(model, rows.ids, cfg.seed, "probe")
         before = float64_bpd(model.float(), rows.images.float(), probe)
         model.float()
         runner = runner_for(model, cfg)
         step, reported = 0, []
         for epoch in range(1, cfg.train.epochs + 1):
-            stats, step = runner.run(rows, epoch, step)
+            stats, step = runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, epoch), epoch, step)
             reported.append(stats.train_bpd)
-        assert step == 3 * 4 and stats.rows == 128 and stats.steps == 4
+        assert step == 3 * 4 and stats.rows == 100 and stats.steps == 4
         fingerprints.append(model_fingerprint(model))
         after = float64_bpd(model, rows.images.float(), probe)
         bpds.append(after)
@@ -121,16 +164,16 @@ def test_training_lowers_float64_bpd_and_is_reproducible(tmp_path):
     assert fingerprints[0] == fingerprints[1] and bpds[0] == bpds[1]
 
 
-def test_resume_from_a_checkpoint_equals_training_straight_through(tmp_path):
-    cfg = tiny_config(tmp_path)
-    model, rows = fresh(cfg)
-    init_from_data(model, rows, cfg)
+def test_resume_from_a_checkpoint_equals_training_straight_through(dataset, tmp_path):
+    cfg, ds, init, origin, _ = dataset
+    model, _ = fresh(cfg)
+    init_from_data(model, init, cfg)
     runner = runner_for(model, cfg)
-    stats, step = runner.run(rows, 1, 0)
+    stats, step = runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 1), 1, 0)
     write_checkpoint(
-        str(tmp_path / "ckpt"), model, runner.optimizer, step, [{"epoch": 1, "train_bpd": 1.0}], cfg, rows
+        str(tmp_path / "ckpt"), model, runner.optimizer, step, [{"epoch": 1, "train_bpd": 1.0}], cfg, origin
     )
-    runner.run(rows, 2, step)
+    runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 2), 2, step)
 
     resumed, _ = fresh(cfg)  # a new process: fresh weights, no data init, state from the checkpoint only
     weights, state = read_checkpoint(Checkpoint.from_directory(str(tmp_path / "ckpt")))
@@ -139,7 +182,7 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(tmp_path):
     resumed_runner = runner_for(resumed, cfg)
     resumed_runner.optimizer.load_state_dict(state["optimizer"])
     assert state["epoch"] == 1 and state["step"] == step == 4
-    resumed_runner.run(rows, 2, state["step"])
+    resumed_runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 2), 2, state["step"])
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     assert model_fingerprint(resumed) == model_fingerprint(model)
@@ -186,19 +229,14 @@ def test_shipped_checkpoint_matches_the_default_config():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def two_worker_run(ray_local, tmp_path_factory):
-    """Two epochs on two DDP workers, through the same train_model the job script calls."""
+def two_worker_run(local_ray, tmp_path_factory):
+    """Two epochs on two DDP workers, through the same train_model the job script calls, with the run
+    storage and the export given as file:// URIs (the form of s3://... that needs no server)."""
     from gradood.train import train_model
 
-    cfg = tiny_config(tmp_path_factory.mktemp("train"), num_workers=2, name="e2e")
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(tmp, num_workers=2, name="e2e", storage_path=f"file://{tmp}/runs")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=f"file://{tmp}/model"))
     return cfg, train_model(cfg)
 
 
@@ -206,17 +244,21 @@ def two_worker_run(ray_local, tmp_path_factory):
 def test_train_model_two_workers_end_to_end(two_worker_run):
     cfg, result = two_worker_run
     assert result.metrics["run"]["epochs_run"] == [1, 2] and result.metrics["run"]["initialized_from_data"]
-    assert result.metrics["epoch"] == 2 and result.metrics["rows"] == 128
-    model, meta = load_checkpoint(result.checkpoint_dir)
+    # rows: all ranks' rows of the epoch, from the Ray Data shards; steps: one rank's, 64 rows / 16 each
+    assert result.metrics["epoch"] == 2 and result.metrics["rows"] == 128 and result.metrics["steps"] == 4
+    tmp = cfg.model.checkpoint.removeprefix("file://").rsplit("/", 1)[0]
+    assert result.checkpoint_dir == cfg.model.checkpoint and result.metrics["ray_run"].endswith("/runs/e2e")
+    model, meta = load_checkpoint(f"{tmp}/model")
     assert meta["fingerprint"] == result.fingerprint == model_fingerprint(model)
     training = meta["training"]
     assert training["epochs_done"] == 2 and training["data"]["rows"] == 128
+    assert training["data"]["skipped"] == 0 and training["data"]["blocks"] == 1
     assert [h["epoch"] for h in training["history"]] == [1, 2]
     assert training["train_bpd"] == result.metrics["train_bpd"]
     assert training["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
 
     untrained, rows = fresh(cfg)
-    init_from_data(untrained, rows, cfg)
+    init_from_data(untrained, TrainBatch(rows.ids[:64], rows.index[:64], rows.images[:64]), cfg)
     probe = row_noise(untrained, rows.ids, cfg.seed, "probe")
     assert float64_bpd(model, rows.images, probe) < float64_bpd(untrained, rows.images, probe) - 0.05
 
@@ -234,6 +276,49 @@ def test_rerun_resumes_only_missing_epochs_without_data_init(two_worker_run):
     assert run["epochs_run"] == [3] and not run["initialized_from_data"]
     assert second.metrics["start_epoch"] == 3 and [h["epoch"] for h in run["history"]] == [1, 2, 3]
     assert second.fingerprint == first.fingerprint
-    model, meta = load_checkpoint(second.checkpoint_dir)
+    model, meta = load_checkpoint(second.checkpoint_dir.removeprefix("file://"))
     assert meta["training"]["epochs_done"] == 3
     assert all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm))
+
+
+@pytest.mark.slow
+def test_ray_train_workers_get_disjoint_shares_each_row_once_per_epoch(local_ray, tmp_path):
+    """The Dataset, the data config and the per-epoch iteration the job uses, on two Ray Train workers:
+    every epoch each rank gets an equal share, the shares are disjoint and cover every row once, and the
+    assignment is the same in both epochs (the split is deterministic), the order within it not."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = tiny_config(tmp_path, limit=90)
+    ds, _, _ = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=20)
+
+    def probe(config):
+        rank = ray.train.get_context().get_world_rank()
+        shard = ray.train.get_dataset_shard("train")
+        seen = []
+        for epoch in (1, 2):
+            batches = list(epoch_batches(shard, 8, config["seed"], epoch, rank))
+            seen.append([[int(i) for i in b.index] for b in batches])
+        gathered = [None, None]
+        dist.all_gather_object(gathered, seen)
+        return gathered
+
+    trainer = TorchTrainer(
+        probe,
+        train_loop_config={"seed": cfg.seed},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="probe", storage_path=str(tmp_path / "runs")),
+        datasets={"train": ds},
+        dataset_config=data_config(),
+    )
+    by_rank = trainer.fit().return_value  # [rank][epoch][batch] -> row indices
+    for epoch in (0, 1):
+        shares = [[i for batch in by_rank[rank][epoch] for i in batch] for rank in (0, 1)]
+        assert [len(s) for s in shares] == [45, 45]
+        assert [len(b) for b in by_rank[0][epoch]] == [len(b) for b in by_rank[1][epoch]]  # same steps
+        assert sorted(shares[0] + shares[1]) == list(range(90))  # disjoint, every row once
+    for rank in (0, 1):
+        first, second = ([i for b in by_rank[rank][e] for i in b] for e in (0, 1))
+        assert sorted(first) == sorted(second) and first != second

@@ -1,26 +1,36 @@
-"""Driver side of training: run the Ray Train job, then export its last checkpoint as the model."""
+"""Driver side of training: build the training Dataset, run the Ray Train job, then export its last
+checkpoint as the model.
+
+``train.storage_path`` (the Ray Train run's checkpoints) and ``model.checkpoint`` (the exported model)
+may be local paths or URIs (s3://, gs://, file://): storage paths go to Ray Train's ``RunConfig`` as
+they are, and the export is written through :mod:`gradood.pipeline.storage`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gradood.config import TrainConfig, TrainJobConfig
 from gradood.models import build_model
-from gradood.models.checkpoint import WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
+from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
+from gradood.pipeline import storage
+from gradood.train.data import READ_CPUS, data_config, train_dataset
 from gradood.train.worker import train_loop_per_worker
 
 
 @dataclass
 class TrainResult:
-    #: absolute path of the exported checkpoint (model.pt + model.json)
+    #: where the checkpoint (model.pt + model.json) was exported: an absolute path or a URI
     checkpoint_dir: str
     fingerprint: str
     #: last reported epoch metrics, plus "run": what this call did (epochs_run, initialized_from_data,
@@ -28,9 +38,28 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def local_or_uri(location: str) -> str:
-    """Local paths absolute (Ray Train requires it), URIs (s3://, gs://) as they are."""
-    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+logger = logging.getLogger(__name__)
+
+
+def run_storage(location: str) -> str:
+    """Ray Train's storage path: a URI (any scheme Ray Train's filesystems take) as it is, a local path
+    made absolute (Ray Train requires it)."""
+    return location if "://" in location else storage.absolute(location)
+
+
+def check_cpus_for_reading(train: TrainConfig) -> None:
+    """Warn when the workers take every CPU of the cluster: the Ray Data tasks that read the training
+    rows (:data:`~gradood.train.data.READ_CPUS` each) could then only run once the cluster grows."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if cpus - train.num_workers * train.cpus_per_worker < READ_CPUS:
+        logger.warning(
+            "Ray has %s CPUs and the %d training workers take %s each: the Ray Data tasks reading the "
+            "training rows need %s more, so training waits until the cluster has them",
+            cpus,
+            train.num_workers,
+            train.cpus_per_worker,
+            READ_CPUS,
+        )
 
 
 def scaling_config(train: TrainConfig) -> ScalingConfig:
@@ -41,45 +70,60 @@ def scaling_config(train: TrainConfig) -> ScalingConfig:
     )
 
 
-def export_checkpoint(source_dir: str | Path, destination: str | Path, extra: dict[str, Any]) -> str:
-    """Rewrite a run checkpoint as a plain gradood checkpoint at ``destination``; returns its fingerprint,
-    which must be the one the worker recorded (same weights, only metadata added)."""
+def export_checkpoint(source_dir: str | Path, destination: str, extra: dict[str, Any]) -> str:
+    """Rewrite a run checkpoint as a plain gradood checkpoint at ``destination`` (a local path or a URI);
+    returns its fingerprint, which must be the one the worker recorded (same weights, metadata added).
+
+    The checkpoint is written locally first, then copied file by file through
+    :mod:`gradood.pipeline.storage`, weights before metadata (a reader takes a checkpoint with both).
+    """
     meta = read_checkpoint_meta(source_dir)
     model = build_model(meta["model"], meta["params"])
     model.load_state_dict(torch.load(Path(source_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     kept = {k: v for k, v in meta.items() if k not in ("model", "params", "fingerprint")}
-    fp = save_checkpoint(model, destination, extra={**kept, **extra})
-    if fp != meta["fingerprint"]:
-        raise RuntimeError(
-            f"exported weights {fp[:12]} differ from the run checkpoint's {meta['fingerprint'][:12]}"
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = save_checkpoint(model, tmp, extra={**kept, **extra})
+        if fp != meta["fingerprint"]:
+            raise RuntimeError(
+                f"exported weights {fp[:12]} differ from the run checkpoint's {meta['fingerprint'][:12]}"
+            )
+        for name in (WEIGHTS_FILE, META_FILE):
+            storage.write_bytes(storage.join(destination, name), (Path(tmp) / name).read_bytes())
     return fp
 
 
 def train_model(cfg: TrainJobConfig) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.train.uri`` with Ray Train (Ray must be initialised) and export the
-    final weights to ``cfg.model.checkpoint``.
+    final weights to ``cfg.model.checkpoint``. The rows reach the workers as a Ray Dataset
+    (:func:`~gradood.train.data.train_dataset`), read lazily and split between them.
 
     Rerunning with the same ``train.name`` and ``train.storage_path`` resumes from the run's latest
     checkpoint and trains only the epochs still missing up to ``train.epochs``.
     """
+    with torch.random.fork_rng(devices=[]):  # only for its input size (what the reader decodes to)
+        model = build_model(cfg.model.name, cfg.model.params)
+    dataset, init_rows, data = train_dataset(cfg, model)
+    check_cpus_for_reading(cfg.train)
+    init_ref = ray.put(init_rows)  # held here until fit() returns
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dataclasses.asdict(cfg),
+        train_loop_config={"job": dataclasses.asdict(cfg), "data": data, "init": init_ref},
         scaling_config=scaling_config(cfg.train),
         run_config=RunConfig(
             name=cfg.train.name,
-            storage_path=local_or_uri(cfg.train.storage_path),
+            storage_path=run_storage(cfg.train.storage_path),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
+        datasets={"train": dataset},
+        dataset_config=data_config(),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(
             f"Ray Train run {result.path} finished without a checkpoint (train.epochs={cfg.train.epochs})"
         )
-    destination = local_or_uri(cfg.model.checkpoint)
+    destination = storage.absolute(cfg.model.checkpoint)
     with result.checkpoint.as_directory() as run_checkpoint:
         fp = export_checkpoint(run_checkpoint, destination, extra={"ray_run": result.path})
     metrics = {**(result.metrics or {}), "run": result.return_value, "ray_run": result.path}

@@ -5,6 +5,11 @@ rank 0: ``model.pt`` + ``model.json`` (a regular gradood checkpoint) and ``train
 state, epoch, step, history), all loadable with ``torch.load(weights_only=True)``. A run restarted after
 a failure, or rerun with the same Ray Train name and storage path, continues from the latest one via
 ``ray.train.get_checkpoint()``; the data-dependent init is then not run again.
+
+Data: the training rows arrive through Ray Data (``datasets=`` on the trainer, see
+:mod:`gradood.train.data`): every epoch, this rank iterates its share of ``get_dataset_shard("train")``;
+a fresh run's data-dependent init uses the first rows of the source, the same on every rank (shipped by
+the driver through the object store).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -25,7 +31,8 @@ import gradood
 from gradood.config import TrainJobConfig
 from gradood.models import DensityModel, build_model
 from gradood.models.checkpoint import WEIGHTS_FILE, save_checkpoint
-from gradood.train.loop import EpochRunner, EpochStats, TrainRows, init_from_data, load_train_rows
+from gradood.train.data import epoch_batches
+from gradood.train.loop import EpochRunner, EpochStats, TrainBatch, init_from_data
 
 STATE_FILE = "train_state.pt"
 #: Ray Train V2 forwards worker log records to the driver console; print() there comes out twice
@@ -55,15 +62,16 @@ def write_checkpoint(
     step: int,
     history: list[dict[str, float]],
     cfg: TrainJobConfig,
-    rows: TrainRows,
+    data: dict[str, Any],
 ) -> None:
+    """``data``: where the rows came from (the source's description) and how many were trained on."""
     last = history[-1]
     training = {
         "config": dataclasses.asdict(cfg),
         "epochs_done": int(last["epoch"]),
         "train_bpd": last["train_bpd"],
         "history": history,
-        "data": rows.origin,
+        "data": data,
     }
     save_checkpoint(model, directory, extra={"gradood_version": gradood.__version__, "training": training})
     state = {
@@ -95,12 +103,13 @@ def epoch_metrics(stats: EpochStats, start_epoch: int) -> dict[str, float]:
     }
 
 
-def initial_state(model: DensityModel, rows: TrainRows, cfg: TrainJobConfig) -> dict[str, Any]:
+def initial_state(model: DensityModel, cfg: TrainJobConfig, init: ray.ObjectRef) -> dict[str, Any]:
     """Resume from the run's latest checkpoint when there is one (the data init already happened and is
-    in the weights); otherwise run the data-dependent init on a fresh model."""
+    in the weights); otherwise run the data-dependent init on a fresh model, on the rows ``init`` holds."""
     resume = ray.train.get_checkpoint()
     if resume is None:
-        init_from_data(model, rows, cfg)
+        batch: TrainBatch = ray.get(init)
+        init_from_data(model, batch, cfg)
         return {"epoch": 0, "step": 0, "history": [], "optimizer": None}
     weights, state = read_checkpoint(resume)
     model.load_state_dict(weights)
@@ -109,8 +118,13 @@ def initial_state(model: DensityModel, rows: TrainRows, cfg: TrainJobConfig) -> 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Train from scratch or from the latest checkpoint up to ``train.epochs``; rank 0's return value
-    (epochs run in this call, whether the data init ran) reaches the driver as ``Result.return_value``."""
-    cfg = config_from_dict(config)
+    (epochs run in this call, whether the data init ran) reaches the driver as ``Result.return_value``.
+
+    ``config``: ``{"job": the TrainJobConfig as a dict, "data": the source's description, "init": an
+    object ref to the rows of the data-dependent init}``.
+    """
+    cfg = config_from_dict(config["job"])
+    source = dict(config["data"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     if cfg.train.batch_size % world_size:
@@ -122,8 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # parameter init draws from the global generator: same model on every rank
     model = build_model(cfg.model.name, cfg.model.params)
-    rows = load_train_rows(cfg, model)
-    state = initial_state(model, rows, cfg)
+    state = initial_state(model, cfg, config["init"])
     start_epoch, step, history = state["epoch"] + 1, state["step"], list(state["history"])
 
     loss_module = ray.train.torch.prepare_model(TrainingLoss(model))
@@ -131,29 +144,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     device = ray.train.torch.get_device()
-    runner = EpochRunner(model, loss_module, optimizer, cfg, cfg.train.batch_size // world_size, device, log)
+    runner = EpochRunner(model, loss_module, optimizer, cfg, device, log)
+    batch_size = cfg.train.batch_size // world_size
 
     plan = (
         f"epochs {start_epoch}..{cfg.train.epochs}" if start_epoch <= cfg.train.epochs else "nothing to train"
     )
     log(
-        f"{cfg.model.name}: {sum(p.numel() for p in model.parameters())} parameters, {len(rows)} rows "
-        f"({rows.origin['skipped']} skipped) over {world_size} worker(s) on {device}; "
+        f"{cfg.model.name}: {sum(p.numel() for p in model.parameters())} parameters, {source['num_rows']} "
+        f"source rows in {source['blocks']} Ray Data blocks over {world_size} worker(s) on {device}; "
         f"{f'resuming after epoch {start_epoch - 1}, ' if start_epoch > 1 else ''}{plan}"
     )
-    shard = rows.shard(rank, world_size)
+    shard = ray.train.get_dataset_shard("train")
     epochs_run = []
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        stats, step = runner.run(shard, epoch, step)
+        stats, step = runner.run(epoch_batches(shard, batch_size, cfg.seed, epoch, rank), epoch, step)
         history.append({"epoch": epoch, "train_bpd": stats.train_bpd, "rows_per_s": stats.rows_per_s})
         log(
-            f"epoch {epoch}/{cfg.train.epochs}: {stats.train_bpd:.4f} bits/dim, "
+            f"epoch {epoch}/{cfg.train.epochs}: {stats.train_bpd:.4f} bits/dim, {stats.rows} rows, "
             f"{stats.rows_per_s:.1f} rows/s, {stats.seconds:.0f} s"
         )
+        # rows trained on per epoch; "skipped": source rows that were not (undecodable, or left out by
+        # Ray's equal split so that every rank takes the same number of steps: at most W - 1)
+        data = {**source, "rows": stats.rows, "skipped": source["num_rows"] - stats.rows}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                write_checkpoint(tmp, model, optimizer, step, history, cfg, rows)
+                write_checkpoint(tmp, model, optimizer, step, history, cfg, data)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(epoch_metrics(stats, start_epoch), checkpoint=checkpoint)
         epochs_run.append(epoch)

@@ -20,3 +20,48 @@ def local_ray():
     ray.init(num_cpus=3, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3-compatible server (moto) for one test module, and the environment that points
+    pyarrow, boto3 and the Ray workers started after it at that server.
+
+    Yields ``SimpleNamespace(endpoint=..., env={...})``; the variables in ``env`` are set for the module
+    and restored afterwards. Request it before ``local_ray`` (Ray workers inherit the environment of the
+    process that starts Ray). Credentials are fixed dummy values and instance metadata is disabled, so
+    nothing looks for real AWS credentials or leaves the machine.
+    """
+    import logging
+    from types import SimpleNamespace
+
+    from moto.server import ThreadedMotoServer  # a test dependency (extra 'test'): fail, never skip
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # a free port
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    requests_log = logging.getLogger("werkzeug")  # one line per request otherwise
+    level = requests_log.level
+    requests_log.setLevel(logging.WARNING)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        try:
+            yield SimpleNamespace(endpoint=endpoint, env=env)
+        finally:
+            server.stop()
+            requests_log.setLevel(level)

@@ -3,7 +3,9 @@
 Every source is an entry of a small registry (name, near/far-OOD flag, description, builder), so the
 demo and larger evaluation corpora are built by the same :func:`build_image_corpus`. Everything is
 written as PNG files through PIL, so a corpus takes the same list/read/decode path as a real one, and
-two broken files (a truncated PNG and an empty one) can exercise the error path. FashionMNIST rows come
+two broken files (a truncated PNG and an empty one) can exercise the error path. Files are written
+through :mod:`gradood.pipeline.storage`, so the corpus may live on a local path or under a pyarrow
+filesystem URI (``s3://``, ``gs://``), like the job's other outputs. FashionMNIST rows come
 from the test split after the first ``id_start`` rows, which the detector is fitted on, so
 in-distribution corpus images are never fit images; each FashionMNIST-derived source reads its own
 block of rows, so no test image appears twice in one corpus.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from gradood.data.fashion_mnist import fashion_mnist_origin, load_fashion_mnist
+from gradood.pipeline import storage
 
 DEMO_ID_SOURCE = "fashion_mnist"
 DEMO_OOD_SOURCES = ("digits", "fashion_mnist_inverted", "uniform_noise")
@@ -242,6 +244,8 @@ def build_image_corpus(
 ) -> dict:
     """Write ``rows_per_source`` PNGs per source under ``out_dir/<source>/``; the corpus's manifest.
 
+    ``out_dir`` is a local path or a pyarrow filesystem URI (``s3://bucket/prefix``).
+
     ``include_corrupt`` adds a ``corrupt`` folder (the corpus's first PNG cut in half, and an empty
     file) for the error path. Nothing is written when a corpus with the same parameters is there.
     Rebuilding replaces every folder a registry source (or the corrupt files) would use, so neither
@@ -255,7 +259,7 @@ def build_image_corpus(
     n = rows_per_source
     if n < 1 or id_start < 0:
         raise ValueError(f"need rows_per_source >= 1 and id_start >= 0, got {n} and {id_start}")
-    out_dir = Path(out_dir)
+    out = storage.absolute(str(out_dir))
     params = {
         "sources": names,
         "rows_per_source": n,
@@ -264,9 +268,9 @@ def build_image_corpus(
         "include_corrupt": include_corrupt,
         "version": _FORMAT_VERSION,
     }
-    manifest_path = out_dir / MANIFEST_FILE
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+    manifest_uri = storage.join(out, MANIFEST_FILE)
+    if storage.exists(manifest_uri):
+        manifest = storage.read_json(manifest_uri)
         if manifest.get("params") == params:
             return manifest
 
@@ -289,13 +293,13 @@ def build_image_corpus(
         real_png = next(iter(folders[names[0]].values()))
         folders[DEMO_CORRUPT_SOURCE] = {"truncated.png": real_png[: len(real_png) // 2], "empty.png": b""}
 
-    manifest_path.unlink(missing_ok=True)
+    if storage.exists(manifest_uri):
+        storage.delete_file(manifest_uri)
     for name in (*_SOURCES, DEMO_CORRUPT_SOURCE):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+        storage.delete_dir(storage.join(out, name))
     for name, folder in folders.items():
-        (out_dir / name).mkdir(parents=True)
         for file_name, raw in folder.items():
-            (out_dir / name / file_name).write_bytes(raw)
+            storage.write_bytes(storage.join(out, name, file_name), raw)
 
     manifest = {
         "params": params,
@@ -305,9 +309,8 @@ def build_image_corpus(
         "sources": {name: source_info(name) for name in names},
         "fashion_mnist_origin": fashion_mnist_origin(),
     }
-    partial = manifest_path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(manifest, indent=2) + "\n")
-    partial.replace(manifest_path)
+    # atomic (a temporary name and a move, or one object), key order kept
+    storage.write_text(manifest_uri, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -171,7 +171,8 @@ def load_or_fit_detector(
             )
         log(f"reusing detector {uri} (fitted on {detector['fit']['n_rows']} rows)")
         return detector
-    detector = fit_detector(cfg, out, weights, model_meta, layer_names)
-    storage.write_json(uri, detector)
+    storage.write_json(uri, fit_detector(cfg, out, weights, model_meta, layer_names))
     log(f"detector written to {uri}")
-    return detector
+    # the night that fits uses the detector as later nights will read it (the same key order, so the
+    # same columns in the same order, and the same numbers), wherever it is stored
+    return storage.read_json(uri)

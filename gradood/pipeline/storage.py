@@ -1,4 +1,12 @@
-"""Output locations: local paths and pyarrow-filesystem URIs (s3://, gs://, file://) through one code path."""
+"""Output locations: local paths and pyarrow-filesystem URIs (s3://, gs://, file://) through one code path.
+
+URIs are resolved by ``pyarrow.fs.FileSystem.from_uri``, so an object store is configured the way
+pyarrow and the AWS SDK are: credentials from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (or a
+profile, or the instance role), the region from ``AWS_DEFAULT_REGION``, and an S3-compatible endpoint
+(MinIO, Ceph, a local test server) from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, which pyarrow
+reads itself. Ray workers inherit the driver's environment on an embedded Ray; on a cluster, set the
+same variables on every node (or in the job's ``runtime_env``).
+"""
 
 from __future__ import annotations
 
@@ -32,20 +40,34 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), absolute(location)
 
 
+def _object_store(fs: pafs.FileSystem) -> bool:
+    """Object stores: keys, no directories to create, and every object written atomically."""
+    return fs.type_name in ("s3", "gcs")
+
+
 def exists(location: str) -> bool:
     fs, path = filesystem(location)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def makedirs(location: str) -> None:
+    """Create a folder and its parents; on an object store nothing (a prefix needs no marker object)."""
     fs, path = filesystem(location)
-    fs.create_dir(path, recursive=True)
+    if not _object_store(fs):
+        fs.create_dir(path, recursive=True)
 
 
 def delete_dir_contents(location: str) -> None:
     fs, path = filesystem(location)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir_contents(path)
+
+
+def delete_dir(location: str) -> None:
+    """Remove a folder and everything under it; nothing happens when there is none."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 def delete_file(location: str) -> None:
@@ -69,7 +91,8 @@ def list_files(location: str, suffix: str = ".parquet") -> list[str]:
 def write_bytes(location: str, data: bytes) -> None:
     """Write via a temporary name and a move where there is one, so readers never see half a file."""
     fs, path = filesystem(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if not _object_store(fs):  # on an object store a key needs no parent, and a marker object costs calls
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}"
         with fs.open_output_stream(tmp) as out:

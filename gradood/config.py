@@ -123,6 +123,8 @@ class ExtractConfig:
     num_gpus_per_worker: float = 0.0
     #: torch intra-op threads per worker (0: leave torch's default)
     torch_threads: int = 1
+    #: CPUs of each reading-and-decoding task, which run ahead of the model workers (0 < x)
+    decode_cpus: float = 1.0
 
 
 @dataclass

@@ -241,3 +241,24 @@ def test_mixed_folder_is_ambiguous(tmp_path):
     (tmp_path / "a.png").write_bytes(png(random_images(1)[0]))
     with pytest.raises(ValueError, match="both Parquet files and image files"):
         open_source(str(tmp_path))
+
+
+def test_parquet_shards_cover_every_file_in_order_and_narrow_by_file(tmp_path):
+    """Shards located by the files' row offsets hold exactly the rows of the full order, whatever the
+    shard size (boundaries inside files, files inside shards, an unreadable file, an empty one)."""
+    sizes = [5, 0, 13, 1, 8, 21, 3]
+    for f, n in enumerate(sizes):
+        images = [png(a) for a in random_images(n, seed=f)]
+        pq.write_table(pa.table({"image": pa.array(images, pa.binary())}), tmp_path / f"f{f}.parquet")
+    (tmp_path / "f9-broken.parquet").write_bytes(b"not parquet")
+    source = open_source(str(tmp_path))
+    expected = [f"{tmp_path}/f{f}.parquet#{r}" for f, n in enumerate(sizes) for r in range(n)]
+    expected.append(f"{tmp_path}/f9-broken.parquet")
+    for shard_size in (1, 4, 7, 100):
+        ids = [row.id for shard in source.shards(shard_size) for row in source.read_shard(shard)]
+        assert ids == expected
+    narrowed = source.with_files([f"{tmp_path}/f5.parquet", f"{tmp_path}/f0.parquet"])
+    ids = [row.id for shard in narrowed.shards(6) for row in narrowed.read_shard(shard)]
+    assert ids == [f"{tmp_path}/f0.parquet#{r}" for r in range(5)] + [
+        f"{tmp_path}/f5.parquet#{r}" for r in range(21)
+    ]

@@ -18,6 +18,7 @@ from gradood.pipeline.stages import (
     ShardFeatures,
     ShardFeatureWriter,
     compute_features,
+    decode_shards,
     drop_non_finite,
 )
 from gradood.pipeline.tables import feature_matrix, suite_feature_names, table_metadata
@@ -113,8 +114,11 @@ def test_shard_writer_contract(model_dir, tmp_path):
     meta = read_checkpoint_meta(model_dir)
     writer = ShardFeatureWriter((model_dir / WEIGHTS_FILE).read_bytes(), meta, source, settings)
     shards = source.shards(7)
-    batch = {"shard": np.array(shards, dtype=object)}
-    summary = writer(batch)
+    decoded = decode_shards({"shard": np.array(shards, dtype=object)}, source, writer.converter)
+    assert [rows.ids + [e[0] for e in rows.errors] for rows in decoded["rows"]] == [
+        [row.id for row in source.read_shard(shard)] for shard in shards
+    ]  # every row of every shard decoded or an error, in its shard
+    summary = writer(decoded)
     assert list(summary["shard"]) == [s.index for s in shards]
     assert sum(summary["rows_scored"]) + sum(summary["rows_rejected"]) == source.num_rows() == 25
 

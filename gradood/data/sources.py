@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, ClassVar
@@ -52,6 +53,10 @@ from gradood.data.parquet import (
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 TORCHVISION_SCHEME = "torchvision"
+#: files whose size and modification time are asked for at once
+_INFO_CHUNK = 10_000
+#: Parquet footers read at once while planning (I/O bound: threads, not processes)
+FOOTER_READERS = 16
 #: rows an unreadable Parquet file (no footer, so no row count) takes in the order: one, for its error
 _UNREADABLE_FILE_ROWS = 1
 
@@ -117,19 +122,28 @@ class _FileSource(CorpusSource):
 
     def input_files(self) -> pa.Table:
         paths = self._listing()
-        infos = self._fs.get_file_info(paths) if paths else []
-        return pa.table(
-            {
-                "uri": pa.array([self._id_of(p) for p in paths], pa.string()),
-                "size": pa.array([int(i.size or 0) for i in infos], pa.int64()),
-                "mtime_ns": pa.array([int(i.mtime_ns or 0) for i in infos], pa.int64()),
-            }
-        )
+        chunks = []
+        for lo in range(0, len(paths), _INFO_CHUNK):  # in chunks: FileInfo objects are large
+            part = paths[lo : lo + _INFO_CHUNK]
+            infos = self._fs.get_file_info(part)
+            chunks.append(
+                pa.table(
+                    {
+                        "uri": pa.array([self._id_of(p) for p in part], pa.string()),
+                        "size": pa.array([int(i.size or 0) for i in infos], pa.int64()),
+                        "mtime_ns": pa.array([int(i.mtime_ns or 0) for i in infos], pa.int64()),
+                    }
+                )
+            )
+        schema = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+        return pa.concat_tables(chunks) if chunks else schema.empty_table()
 
     def with_files(self, uris: list[str]) -> _FileSource:
         keep = set(uris)
         narrowed = copy.copy(self)
-        narrowed._cache = {**self._cache, "listing": [p for p in self._listing() if self._id_of(p) in keep]}
+        # what was derived from the full listing (row offsets) is rebuilt from the narrowed one
+        narrowed._cache = {k: v for k, v in self._cache.items() if k != "offsets"}
+        narrowed._cache["listing"] = [p for p in self._listing() if self._id_of(p) in keep]
         return narrowed
 
     def _id_of(self, path: str) -> str:
@@ -208,23 +222,38 @@ class ParquetSource(_FileSource):
             resolve_image_column(schema, self.image_column, self._id_of(path))
 
     def _footers(self) -> list[Footer]:
-        return self._cached("footers", lambda: [read_footer(self._fs, path) for path in self._listing()])
+        """Every file's footer, read once, several at a time (on an object store each is a round trip)."""
+
+        known: dict[str, Footer] = self._cached("footers", dict)  # by path, so a narrowed copy keeps them
+        missing = [path for path in self._listing() if path not in known]
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(FOOTER_READERS, len(missing))) as pool:
+                footers = list(pool.map(lambda path: read_footer(self._fs, path), missing))
+            known.update(zip(missing, footers, strict=True))
+        return [known[path] for path in self._listing()]
 
     def _row_counts(self) -> list[int]:
         return [_UNREADABLE_FILE_ROWS if footer.error else footer.num_rows for footer in self._footers()]
 
+    def _file_offsets(self) -> np.ndarray:
+        """Row of the full order where each file starts, and the total at the end."""
+        return self._cached("offsets", lambda: np.concatenate([[0], np.cumsum(self._row_counts())]))
+
     def _total_rows(self) -> int:
-        return sum(self._row_counts())
+        return int(self._file_offsets()[-1])
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:
         """(path, first row, stop row, footer error or None) per file in ``[row_start, row_stop)``."""
+        offsets = self._file_offsets()
+        paths, footers = self._listing(), self._footers()
+        first = int(np.searchsorted(offsets, row_start, side="right")) - 1
         pieces = []
-        offset = 0
-        for path, footer, count in zip(self._listing(), self._footers(), self._row_counts(), strict=True):
-            lo, hi = max(row_start, offset), min(row_stop, offset + count)
+        for f in range(max(first, 0), len(paths)):
+            lo, hi = max(row_start, int(offsets[f])), min(row_stop, int(offsets[f + 1]))
+            if int(offsets[f]) >= row_stop:
+                break
             if lo < hi:
-                pieces.append((path, lo - offset, hi - offset, footer.error))
-            offset += count
+                pieces.append((paths[f], lo - int(offsets[f]), hi - int(offsets[f]), footers[f].error))
         return tuple(pieces)
 
     def describe(self) -> dict:

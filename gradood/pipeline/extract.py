@@ -1,12 +1,15 @@
-"""Feature extraction on Ray: shard descriptors -> ``ShardFeatureWriter`` actors -> a Parquet file a shard.
+"""Feature extraction on Ray: shard descriptors -> decode tasks -> ``ShardFeatureWriter`` actors -> a
+Parquet file a shard.
 
-Extraction uses Ray Data over *shard descriptors* rather than over decoded images: each actor of an
-``ActorPoolStrategy`` pool loads the model once, takes a shard (a few hundred consecutive rows), decodes
-it with per-row error capture, computes features and writes one Parquet file named after the shard.
-That keeps groups of ``group_size`` consecutive rows inside one shard (set-level features never straddle
-workers), makes retries idempotent (a re-run shard overwrites its own file), lets a corrupt file become an
-errors-table row instead of failing or dropping a whole block, and gives the driver one small summary per
-finished shard to stream into the reducer actor.
+Extraction uses Ray Data over *shard descriptors* rather than over single images, in the shape of Ray's
+batch inference: CPU tasks read and decode a shard (a few hundred consecutive rows) with per-row error
+capture, while each actor of an ``ActorPoolStrategy`` pool, which loads the model once, computes the
+features of an already decoded shard and writes one Parquet file named after it. The streaming executor
+runs the two stages at once, so a GPU does not wait for I/O and decoding. Shards keep groups of
+``group_size`` consecutive rows inside one shard (set-level features never straddle workers), make
+retries idempotent (a re-run shard overwrites its own file), let a corrupt file become an errors-table
+row instead of failing or dropping a whole block, and give the driver one small summary per finished
+shard to stream into the reducer actor.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from gradood.config import ScoreCorpusConfig
+from gradood.config import ExtractConfig, ScoreCorpusConfig
+from gradood.data.images import ImageConverter
 from gradood.data.sources import CorpusSource, Shard
+from gradood.models import build_model
 from gradood.pipeline import storage
-from gradood.pipeline.stages import ExtractSettings, ShardFeatureWriter, completed_shard
+from gradood.pipeline.stages import ExtractSettings, ShardFeatureWriter, completed_shard, decode_shards
 
 
 def log(msg: str) -> None:
@@ -57,8 +62,35 @@ class ExtractionTotals:
     feature_rows: int = 0
     seconds: float = 0.0
     worker_seconds: float = 0.0
+    #: busy seconds of the decode tasks (which overlap the workers' seconds)
+    decode_seconds: float = 0.0
     #: shards an earlier attempt had finished with the same plan, taken over instead of recomputed
     resumed_shards: int = 0
+    #: seconds from the start of extraction to the first and the last shard computed in this attempt,
+    #: and the rows of the shards after the first: the steady-state rate leaves Ray's start-up out
+    first_shard_at: float | None = None
+    last_shard_at: float | None = None
+    rows_after_first: int = 0
+
+    def finished(self, summary: dict[str, Any], at: float) -> None:
+        """A shard computed in this attempt reported back ``at`` seconds after extraction started."""
+        if self.first_shard_at is None:
+            self.first_shard_at = at
+        else:
+            self.rows_after_first += int(summary["rows_in"])
+        self.last_shard_at = at
+
+    def throughput(self) -> dict[str, float | None]:
+        """Rows per second: wall-clock, per busy worker-second, and at steady state (wall-clock between
+        the first and the last shard, None with fewer than two shards computed)."""
+        steady = None
+        if self.first_shard_at is not None and self.last_shard_at > self.first_shard_at:
+            steady = self.rows_after_first / (self.last_shard_at - self.first_shard_at)
+        return {
+            "rows_per_s": self.rows_in / max(self.seconds, 1e-9),
+            "rows_per_worker_s": self.rows_in / max(self.worker_seconds, 1e-9),
+            "steady_rows_per_s": steady,
+        }
 
     def add(self, summary: dict[str, Any], on_shard: Callable[[dict[str, Any]], None] | None) -> None:
         self.shards += 1
@@ -67,6 +99,7 @@ class ExtractionTotals:
         self.rows_rejected += int(summary["rows_rejected"])
         self.feature_rows += int(summary["feature_rows"])
         self.worker_seconds += float(summary["seconds"])
+        self.decode_seconds += float(summary.get("decode_seconds", 0.0))
         if on_shard is not None:
             on_shard(summary)
 
@@ -78,9 +111,32 @@ class ExtractionTotals:
             )
 
 
+def _pool_size(ex: ExtractConfig, shards: int, what: str) -> int:
+    """Model workers that leave the decode tasks a CPU: with every CPU held by a worker, nothing would
+    decode the shards the workers wait for."""
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    room = int((cpus - ex.decode_cpus) // ex.cpus_per_worker) if ex.cpus_per_worker > 0 else ex.num_workers
+    size = max(1, min(ex.num_workers, shards, room))
+    if size < min(ex.num_workers, shards):
+        log(
+            f"{what}: {size} of extract.num_workers={ex.num_workers} workers, so that {cpus:g} CPUs leave "
+            f"extract.decode_cpus={ex.decode_cpus:g} to decoding"
+        )
+    return size
+
+
+def image_converter(model_meta: dict[str, Any], cfg: ScoreCorpusConfig) -> ImageConverter:
+    """How rows become the model's input, from the checkpoint's metadata (no weights needed)."""
+    model = build_model(model_meta["model"], model_meta["params"])
+    return ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
+
+
 def _plan(shards: list[Shard], source: CorpusSource, settings: ExtractSettings, fingerprint: str) -> dict:
     """Everything a finished shard's file depends on; an earlier attempt's files count only if it matches."""
-    locators = hashlib.sha256(json.dumps([list(s.locator) for s in shards], default=str).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for shard in shards:  # shard by shard: a folder's locators name every file
+        digest.update(json.dumps(list(shard.locator), default=str).encode())
+    locators = digest.hexdigest()
     return {
         "source": source.describe(),
         "shards": [[s.row_start, s.num_rows] for s in shards],
@@ -147,6 +203,8 @@ def run_extraction(
     ex = cfg.extract
     use_gpu = ex.num_gpus_per_worker > 0
     batch_size, key = (ex.gpu_batch_size, "gpu_batch_size") if use_gpu else (ex.batch_size, "batch_size")
+    if ex.decode_cpus <= 0:
+        raise ValueError(f"extract.decode_cpus must be positive, got {ex.decode_cpus}")
     if batch_size < ex.group_size:
         raise ValueError(f"extract.{key}={batch_size} is smaller than extract.group_size={ex.group_size}")
     shards = source.shards(ex.shard_size, align=ex.group_size)
@@ -172,11 +230,21 @@ def run_extraction(
     if ex.num_gpus_per_worker > 0:
         resources["num_gpus"] = ex.num_gpus_per_worker
     ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=max(1, len(pending)))
+    decode_args = {"num_cpus": ex.decode_cpus}
+    ds = ds.map_batches(
+        decode_shards,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"source": source, "converter": image_converter(model_meta, cfg)},
+        # remote args from a function keep Ray Data from fusing decoding into the model actors, which
+        # would run the two one after the other again
+        ray_remote_args_fn=lambda: decode_args,
+    )
     ds = ds.map_batches(
         ShardFeatureWriter,
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(ex.num_workers, len(pending)))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(ex, len(pending), what)),
         fn_constructor_kwargs={
             "weights": weights,
             "model_meta": model_meta,
@@ -191,6 +259,7 @@ def run_extraction(
     for summary in ds.iter_rows() if pending else ():
         totals.add(summary, on_shard)
         elapsed = time.perf_counter() - t0
+        totals.finished(summary, elapsed)
         log(
             f"{what}: {totals.shards}/{len(shards)} shards, {totals.rows_in}/{total_rows} rows, "
             f"{totals.rows_in / max(elapsed, 1e-9):.1f} rows/s, {totals.rows_rejected} rejected"

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import gradood
 from gradood.config import ScoreCorpusConfig, TrainJobConfig, to_yaml
@@ -35,9 +34,8 @@ from gradood.pipeline.publish import (
     write_manifest,
 )
 from gradood.pipeline.report import write_run_report
-from gradood.pipeline.score import SCORE_CONVENTION, calibration_scores, score_features, write_scores
+from gradood.pipeline.score import SCORE_CONVENTION, score_run
 from gradood.pipeline.summary import demo_report, print_summary
-from gradood.stats.drift import drift_test
 
 
 def ensure_model(cfg: ScoreCorpusConfig) -> str:
@@ -107,6 +105,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     weights = storage.read_bytes(storage.join(ckpt, WEIGHTS_FILE))
     model, model_meta = model_from_bytes(weights, storage.read_json(storage.join(ckpt, META_FILE)))
     layer_names = feature_layer_names(model)
+    t_detector = time.perf_counter()
     log(
         f"model {model_meta['model']} {model_meta['fingerprint'][:12]} from {ckpt}: {len(layer_names)} layers"
     )
@@ -114,11 +113,12 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     detector = load_or_fit_detector(cfg, out, weights, model_meta, layer_names)
     check_detector(detector, model_meta["fingerprint"], ex.group_size, "in use")
 
+    t_plan = time.perf_counter()
     source, inputs = corpus_source(cfg, out, run_id)
+    t_extract = time.perf_counter()
     corpus = run_extraction("corpus features", source, run_uri, weights, model_meta, cfg)
 
     t_score = time.perf_counter()
-    scores = score_features(storage.join(run_uri, "features"), detector, cfg)
     meta = {
         "model_fingerprint": model_meta["fingerprint"],
         "group_size": ex.group_size,
@@ -131,8 +131,9 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "gradood_version": gradood.__version__,
         "score_convention": SCORE_CONVENTION,
     }
-    write_scores(scores, storage.join(run_uri, "scores"), meta)
-    complete = scores.column("complete_set").to_numpy(zero_copy_only=False)
+    scores = score_run(
+        storage.join(run_uri, "features"), storage.join(run_uri, "scores"), detector, cfg, meta, source.uri
+    )
     skipped = source.skipped()
     summary: dict[str, Any] = {
         "run_id": run_id,
@@ -144,30 +145,29 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "skipped": sum(skipped.values()),
         "skipped_reasons": skipped,
         "feature_rows": corpus.feature_rows,
-        "incomplete_sets": int((~complete).sum()),
+        "incomplete_sets": scores.feature_rows - scores.complete_sets,
         "resumed_shards": corpus.resumed_shards,
         "group_size": ex.group_size,
         "detector": cfg.detect.detector.value,
-        "flagged": int(pc.sum(scores.column("flagged")).as_py() or 0),
+        "flagged": scores.flagged,
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
-        "drift": drift_test(
-            scores.column("ood_score").to_numpy()[complete],
-            calibration_scores(detector, cfg.detect.detector.value),
-        ),
-        "top10": scores.column("id").to_pylist()[:10],
-        "seconds": {
-            "extract": corpus.seconds,
+        "drift": scores.drift,
+        "top10": [row["id"] for row in scores.top[:10]],
+        "seconds": {  # wall-clock per stage; "extract" includes planning the shards
+            "model": t_detector - t_start,
+            "detector": t_plan - t_detector,
+            "list_inputs": t_extract - t_plan,
+            "extract": t_score - t_extract,
             "score": time.perf_counter() - t_score,
             "total": time.perf_counter() - t_start,
         },
-        "throughput": {
-            "rows_per_s": corpus.rows_in / max(corpus.seconds, 1e-9),
-            "rows_per_worker_s": corpus.rows_in / max(corpus.worker_seconds, 1e-9),
-        },
+        "throughput": corpus.throughput(),
     }
+    if scores.feature_rows != corpus.feature_rows:
+        raise RuntimeError(f"scored {scores.feature_rows} of {corpus.feature_rows} feature rows")
     if cfg.corpus.uri == "demo":
-        summary["demo"] = demo_report(scores, cfg.detect.detector.value)
+        summary["demo"] = demo_report(storage.read_parquet(scores.uri), cfg.detect.detector.value)
     storage.write_json(storage.join(run_uri, "summary.json"), summary)
     converter = ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
     write_run_report(run_uri, summary, scores, source, converter, cfg.run.report_top_k)

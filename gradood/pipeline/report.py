@@ -1,40 +1,29 @@
-"""Gather what ``report.html`` shows from a finished run: thumbnails of the top rows, folders, errors."""
+"""Gather what ``report.html`` shows from a finished run: thumbnails of the top rows, folders, errors.
+
+Everything here is bounded by the report's size, not the run's: the top rows and per-folder histograms
+come from the scoring pass, and the errors are counted by reason one file at a time.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from gradood.data.images import ImageConverter
 from gradood.data.sources import CorpusSource, Shard, load_rows
 from gradood.pipeline import storage
-from gradood.report.run import render_run_report
-
-
-def top_level_group(row_id: str, corpus_uri: str) -> str:
-    """The first folder of a row's path below the corpus root ('.' for files at the root)."""
-    root = corpus_uri.rstrip("/") + "/"
-    path = row_id.split("#", 1)[0]
-    if path.startswith(root):
-        parts = path[len(root) :].split("/")
-        return parts[0] if len(parts) > 1 else "."
-    return path.rsplit(":", 1)[0] if "://" not in path and ":" in path else "."
-
-
-def _first_members(scores: pa.Table) -> list[str]:
-    if "member_ids" in scores.column_names:
-        return [m[0] if m else "" for m in scores.column("member_ids").to_pylist()]
-    return scores.column("id").to_pylist()
+from gradood.pipeline.score import RunScores
+from gradood.report.run import ErrorReasons, error_reason, render_run_report
 
 
 def thumbnails(
-    source: CorpusSource, scores: pa.Table, converter: ImageConverter, k: int
+    source: CorpusSource, top: list[dict[str, Any]], converter: ImageConverter, k: int
 ) -> dict[str, np.ndarray]:
     """{score row id: H x W (x 3) uint8} for the top ``k`` rows (a set shows its first member)."""
     out = {}
-    for row in scores.slice(0, k).select(["id", "row_index"]).to_pylist():
+    for row in top[:k]:
         index = int(row["row_index"])
         shard = Shard(-1, index, 1, source._locate(index, index + 1))
         loaded = load_rows(source, shard, converter)
@@ -44,23 +33,36 @@ def thumbnails(
     return out
 
 
+def error_reasons(errors_uri: str) -> ErrorReasons:
+    """Rejected rows counted by reason, with the first example of each, reading one file at a time."""
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for uri in storage.list_files(errors_uri):
+        errors = storage.read_parquet(uri, columns=["id", "error"])
+        for row_id, message in zip(
+            errors.column("id").to_pylist(), errors.column("error").to_pylist(), strict=True
+        ):
+            reason = error_reason(message)
+            counts[reason] += 1
+            examples.setdefault(reason, f"{row_id}: {message}")
+    return ErrorReasons(dict(counts), examples)
+
+
 def write_run_report(
     run_uri: str,
     summary: dict[str, Any],
-    scores: pa.Table,
+    scores: RunScores,
     source: CorpusSource,
     converter: ImageConverter,
     top_k: int,
 ) -> str:
-    errors_uri = storage.join(run_uri, "errors")
-    errors = (
-        storage.read_parquet(errors_uri)
-        if storage.list_files(errors_uri)
-        else pa.table({"id": pa.array([], pa.string()), "error": pa.array([], pa.string())})
-    )
-    groups = np.array([top_level_group(i, source.uri) for i in _first_members(scores)], dtype=object)
     page = render_run_report(
-        summary, scores, errors, groups, thumbnails(source, scores, converter, top_k), top_k
+        summary,
+        scores.top[:top_k],
+        scores.histograms,
+        scores.score_edges,
+        error_reasons(storage.join(run_uri, "errors")),
+        thumbnails(source, scores.top, converter, top_k),
     )
     uri = storage.join(run_uri, "report.html")
     storage.write_text(uri, page)

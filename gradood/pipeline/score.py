@@ -2,12 +2,15 @@
 
 Flags are Benjamini-Hochberg (or Yekutieli) over the whole run's p-values at ``flag.fdr``: the rows a
 person should look at, with the expected share of in-distribution rows among them at most that rate.
-Conformal p-values take the values k / (n_cal + 1), so q-values come from a histogram of k.
+The rows never gather on the driver: Ray Data scores and sorts them across the cluster, and the two
+passes of :mod:`gradood.pipeline.ranking` run as tasks where the sorted blocks are. The driver sees one
+small summary per block (counts, a histogram of p-value indices, the drift test's part) and the top rows.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,17 +19,25 @@ import ray
 
 from gradood.config import ScoreCorpusConfig
 from gradood.pipeline import storage
+from gradood.pipeline.ranking import (
+    SORT_DESCENDING,
+    SORT_KEYS,
+    BlockStats,
+    FinishedBlock,
+    FolderHistogram,
+    RunStats,
+    block_stats,
+    finish_block,
+    merge_histograms,
+    merge_stats,
+)
 from gradood.pipeline.stages import Scorer
-from gradood.stats.conformal import fdr_flags, q_values_from_index
+from gradood.stats.drift import RankSumDrift
 
 SCORE_CONVENTION = (
     "ood_score: the chosen test's statistic, higher = more OOD, rank 1 = most OOD; p_value: conformal "
     "p-value against held-out in-distribution calibration rows; q_value: BH/BY-adjusted; flagged: q <= fdr"
 )
-FIRST_COLUMNS = [
-    "id", "rank", "ood_score", "p_value", "q_value", "flagged", "driver", "log_prob", "n_rows",
-    "complete_set",
-]  # fmt: skip
 
 
 def calibration_scores(detector: dict[str, Any], test: str) -> np.ndarray:
@@ -40,25 +51,98 @@ def calibration_size(detector: dict[str, Any], test: str) -> int:
     return len(calibration_scores(detector, test))
 
 
-def score_features(features_uri: str, detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:
-    """Scores of every feature row, ranked (1 = most OOD; ties broken by row order), with flags."""
-    files = storage.list_files(features_uri)
-    if not files:  # an incremental night with nothing new
-        return empty_scores(detector, cfg)
+@dataclass(frozen=True)
+class RunScores:
+    """What the summary and the report need of a run's scores; the rows themselves are in ``uri``."""
+
+    uri: str
+    feature_rows: int
+    complete_sets: int
+    flagged: int
+    #: the first rows in rank order (at least the top 10)
+    top: list[dict[str, Any]]
+    histograms: dict[str, FolderHistogram]
+    score_edges: np.ndarray | None
+    drift: dict[str, Any]
+
+
+@ray.remote
+def _block_stats(block: pa.Table, n_calibration: int, drift: RankSumDrift) -> BlockStats:
+    return block_stats(block, n_calibration, drift)
+
+
+@ray.remote
+def _finish_block(
+    block: pa.Table, first_rank: int, run: RunStats, uri: str, meta: bytes, **settings: Any
+) -> FinishedBlock:
+    table, finished = finish_block(block, first_rank, run, **settings)
+    storage.write_parquet(table.replace_schema_metadata({b"gradood": meta}), uri)
+    return finished
+
+
+def score_run(
+    features_uri: str,
+    scores_uri: str,
+    detector: dict[str, Any],
+    cfg: ScoreCorpusConfig,
+    meta: dict[str, Any],
+    corpus_uri: str,
+) -> RunScores:
+    """Score, rank (1 = most OOD; ties by row order) and flag every feature row; scores files in rank
+    order under ``scores_uri``, each written by the worker holding its block."""
     test = cfg.detect.detector.value
-    ds = ray.data.read_parquet(files).map_batches(
-        Scorer,
-        batch_size=4096,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
-        fn_constructor_kwargs={"detector": detector, "test": test},
-        num_cpus=cfg.extract.cpus_per_worker,
+    n_calibration = calibration_size(detector, test)
+    drift = RankSumDrift(calibration_scores(detector, test))
+    storage.delete_dir_contents(scores_uri)
+    files = storage.list_files(features_uri)
+    blocks = []
+    if files:  # none: an incremental night with nothing new
+        ds = ray.data.read_parquet(files).map_batches(
+            Scorer,
+            batch_size=4096,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
+            fn_constructor_kwargs={"detector": detector, "test": test, "group_size": cfg.extract.group_size},
+            num_cpus=cfg.extract.cpus_per_worker,
+        )
+        # materialised first, so the sort knows its input blocks (one per feature file, roughly) and
+        # cuts as many partitions, rather than Ray's default of 200 whatever the size
+        ds = ds.materialize()
+        blocks = ds.sort(SORT_KEYS, descending=SORT_DESCENDING).materialize().to_arrow_refs()
+    drift_ref = ray.put(drift)
+    parts = ray.get([_block_stats.remote(block, n_calibration, drift_ref) for block in blocks])
+    blocks = [block for block, part in zip(blocks, parts, strict=True) if part.num_rows]
+    parts = [part for part in parts if part.num_rows]
+    run = merge_stats(parts, n_calibration, cfg.flag.method, drift)
+    encoded_meta = json.dumps(meta).encode()
+    settings = {"n_calibration": n_calibration, "fdr": cfg.flag.fdr, "corpus_uri": corpus_uri}
+    settings["top_k"] = max(10, cfg.run.report_top_k)
+    run_ref = ray.put(run)
+    finished = ray.get(
+        [
+            _finish_block.remote(
+                block, first, run_ref, storage.join(scores_uri, f"part-{i:06d}.parquet"), encoded_meta,
+                **settings,
+            )
+            for i, (block, first) in enumerate(zip(blocks, run.first_ranks, strict=True))
+        ]
+    )  # fmt: skip
+    if not finished:  # every input was rejected, or nothing was new: an empty, well-formed scores file
+        table = empty_scores(detector, cfg)
+        storage.write_parquet(
+            table.replace_schema_metadata({b"gradood": encoded_meta}),
+            storage.join(scores_uri, "part-000000.parquet"),
+        )
+    return RunScores(
+        uri=scores_uri,
+        feature_rows=sum(f.num_rows for f in finished),
+        complete_sets=run.complete_sets,
+        flagged=sum(f.flagged for f in finished),
+        top=[row for f in finished for row in f.top],
+        histograms=merge_histograms(finished),
+        score_edges=run.score_edges,
+        drift=run.drift,
     )
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
-    if not tables:  # every input was rejected: an empty, well-formed scores table
-        return empty_scores(detector, cfg)
-    scored = pa.concat_tables(tables, promote_options="permissive")
-    return rank_and_flag(scored, calibration_size(detector, test), cfg)
 
 
 def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:
@@ -68,47 +152,17 @@ def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:
     layers = detector["layers"]
     empty = feature_table([], [], [], [], np.zeros((0, len(layers))), layers, {})
     columns = {c: empty.column(c).to_numpy() for c in empty.column_names}
-    scored = pa.table(Scorer(detector, cfg.detect.detector.value)(columns))
+    test = cfg.detect.detector.value
+    scored = pa.table(Scorer(detector, test, cfg.extract.group_size)(columns))
     types = {"id": pa.string(), "driver": pa.string(), "top_layers": pa.list_(pa.string())}
     types["top_z"] = pa.list_(pa.float64())
     scored = pa.table(
         {c: scored.column(c).cast(types.get(c, scored.schema.field(c).type)) for c in scored.column_names}
     )
-    return rank_and_flag(scored, calibration_size(detector, cfg.detect.detector.value), cfg)
-
-
-def rank_and_flag(scored: pa.Table, n_calibration: int, cfg: ScoreCorpusConfig) -> pa.Table:
-    """Rank, q-values and flags over the complete sets; sets with fewer than B rows are marked instead.
-
-    A set that lost members (rejected rows, the corpus's last set) has features of a smaller sum than
-    the full-size sets the detector was fitted and calibrated on, so its score and p-value would be
-    biased: it keeps its score for reference but gets ``complete_set = false``, no p-value, no flag, and
-    ranks after every complete set.
-    """
-    complete = scored.column("n_rows").to_numpy() == cfg.extract.group_size
-    score = scored.column("ood_score").to_numpy()
-    order = np.lexsort((scored.column("row_index").to_numpy(), -score, ~complete))
-    rank = np.empty(len(order), np.int64)
-    rank[order] = np.arange(1, len(order) + 1)
-    p_value = np.where(complete, scored.column("p_value").to_numpy(), np.nan)
-    q = np.full(len(score), np.nan)
-    p_index = np.rint(p_value[complete] * (n_calibration + 1)).astype(np.int64)
-    q[complete] = q_values_from_index(p_index, n_calibration, cfg.flag.method)
-    flagged = np.zeros(len(score), bool)
-    flagged[complete] = fdr_flags(q[complete], cfg.flag.fdr)
-    scored = scored.set_column(scored.column_names.index("p_value"), "p_value", pa.array(p_value))
-    for name, values in (("rank", rank), ("q_value", q), ("flagged", flagged), ("complete_set", complete)):
-        scored = scored.append_column(name, pa.array(values))
-    scored = scored.take(pa.array(order))
-    return scored.select(FIRST_COLUMNS + [c for c in scored.column_names if c not in FIRST_COLUMNS])
-
-
-def write_scores(
-    scores: pa.Table, scores_uri: str, meta: dict[str, Any], rows_per_file: int = 1_000_000
-) -> None:
-    storage.delete_dir_contents(scores_uri)
-    scores = scores.replace_schema_metadata({b"gradood": json.dumps(meta).encode()})
-    for i, lo in enumerate(range(0, max(scores.num_rows, 1), rows_per_file)):
-        storage.write_parquet(
-            scores.slice(lo, rows_per_file), storage.join(scores_uri, f"part-{i:06d}.parquet")
-        )
+    n_calibration = calibration_size(detector, test)
+    drift = RankSumDrift(calibration_scores(detector, test))
+    run = merge_stats([], n_calibration, cfg.flag.method, drift)
+    table, _ = finish_block(
+        scored, 1, run, n_calibration=n_calibration, fdr=cfg.flag.fdr, corpus_uri="", top_k=0
+    )
+    return table

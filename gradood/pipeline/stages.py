@@ -228,7 +228,7 @@ def completed_shard(
 
 
 class ShardFeatureWriter:
-    """Ray Data stage: shard descriptors in, one Parquet file of features (and of errors) per shard out.
+    """Ray Data stage: decoded shards in, one Parquet file of features (and of errors) per shard out.
 
     Returns one summary row per shard with counts and, for fit-set runs, the sufficient statistics
     (count, mean, co-moments) of [log f_j, log p] over the shard's fit rows, which the driver streams to
@@ -261,10 +261,9 @@ class ShardFeatureWriter:
             "gradood_version": gradood.__version__,
         }
 
-    def process(self, shard: Shard) -> dict[str, Any]:
+    def process(self, shard: Shard, rows: LoadedRows, decode_seconds: float = 0.0) -> dict[str, Any]:
         t0 = time.perf_counter()
         s = self.settings
-        rows = load_rows(self.source, shard, self.converter)
         feats = compute_features(
             self.model,
             rows,
@@ -297,18 +296,48 @@ class ShardFeatureWriter:
         elif storage.exists(errors_file):  # left by an interrupted attempt of this shard
             storage.delete_file(errors_file)
         storage.write_parquet(table, storage.join(s.features_uri, name))
-        return shard_summary(shard, table, len(errors), s, time.perf_counter() - t0)
+        summary = shard_summary(shard, table, len(errors), s, time.perf_counter() - t0)
+        return {**summary, "decode_seconds": decode_seconds}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        summaries = [self.process(shard) for shard in batch["shard"]]
+        summaries = [
+            self.process(shard, rows, seconds)
+            for shard, rows, seconds in zip(
+                batch["shard"], batch["rows"], batch["decode_seconds"], strict=True
+            )
+        ]
         return {key: np.array([s[key] for s in summaries], dtype=object) for key in summaries[0]}
+
+
+def decode_shards(
+    batch: dict[str, np.ndarray], source: CorpusSource, converter: ImageConverter
+) -> dict[str, np.ndarray]:
+    """Ray Data stage before the model: shard descriptors in, decoded shards out.
+
+    It runs as CPU tasks, so the next shards are read and decoded while the model workers compute; a
+    shard stays one row, so its groups still reach one worker, and its per-row errors travel with it.
+    """
+    rows, seconds = [], []
+    for shard in batch["shard"]:
+        t0 = time.perf_counter()
+        rows.append(load_rows(source, shard, converter))
+        seconds.append(time.perf_counter() - t0)
+    return {"shard": batch["shard"], "rows": object_column(rows), "decode_seconds": np.array(seconds)}
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array of arbitrary Python values (Ray Data stores such a column pickled)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 class Scorer:
     """Ray Data stage: feature rows in; every test's score and p-value, the chosen test's, the 3 most
     deviant layers and the component that drove the combined p-value out (flags need the whole run)."""
 
-    def __init__(self, detector: dict[str, Any], test: str, top_k: int = 3) -> None:
+    def __init__(self, detector: dict[str, Any], test: str, group_size: int = 1, top_k: int = 3) -> None:
+        self.group_size = group_size
         self.suite = DetectorSuite.from_dict(detector["suite"])
         self.layers = list(detector["layers"])
         self.min_sqnorm = float(detector["fit"]["min_sqnorm"])
@@ -330,6 +359,8 @@ class Scorer:
             "driver": results["driver"] if self.test == "combined" else np.full(len(x), self.test, object),
             "log_prob": np.asarray(batch["log_prob"], np.float64),
             "n_rows": np.asarray(batch["n_rows"]),
+            # a set that lost members is scored for reference, but gets no p-value or flag
+            "complete_set": np.asarray(batch["n_rows"]) == self.group_size,
             "row_index": np.asarray(batch["row_index"]),
             "top_layers": list_column([list(n) for n in names]),
             "top_z": list_column([list(map(float, r)) for r in z]),
@@ -345,6 +376,4 @@ class Scorer:
 def list_column(rows: list[list]) -> np.ndarray:
     """A 1-D object array of Python lists, which Ray Data turns into an Arrow list column (numpy would
     build a 2-D array from equal-length rows, and arrays of arrays end up as pickled objects)."""
-    out = np.empty(len(rows), dtype=object)
-    out[:] = rows
-    return out
+    return object_column(rows)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import html
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from matplotlib.figure import Figure
 
 from gradood.report.html import figure_data_uri, format_cell, html_page, html_table, image_data_uri
@@ -87,55 +87,53 @@ def _thumbnails(top: Sequence[Mapping[str, Any]], images: Mapping[str, np.ndarra
     return "\n".join(cards) or "<p>No scored rows.</p>"
 
 
-def _histograms(scores: pa.Table, groups: np.ndarray) -> str:
-    if scores.num_rows == 0:
+def _histograms(histograms: Mapping[str, Any], score_edges: np.ndarray | None) -> str:
+    if not histograms or score_edges is None:
         return "<p>No scored rows.</p>"
     fig = Figure(figsize=(11, 3.6))
     axes = fig.subplots(1, 2)
-    score = scores.column("ood_score").to_numpy()
-    p_value = scores.column("p_value").to_numpy(zero_copy_only=False)
-    finite = np.isfinite(score)
-    bins = np.histogram_bin_edges(score[finite], bins=40) if finite.any() else 10
-    for name in sorted(set(groups.tolist())):
-        mask = groups == name
-        axes[0].hist(score[mask & finite], bins=bins, histtype="step", label=f"{name} ({int(mask.sum())})")
-        axes[1].hist(p_value[mask & np.isfinite(p_value)], bins=np.linspace(0, 1, 21), histtype="step")
+    for name, hist in histograms.items():
+        axes[0].stairs(hist.score_counts, score_edges, label=f"{name} ({hist.rows})")
+        axes[1].stairs(hist.p_counts, np.linspace(0, 1, len(hist.p_counts) + 1))
     axes[0].set(xlabel="ood_score (higher = more OOD)", ylabel="rows", title="scores")
     axes[1].set(xlabel="p-value", ylabel="rows", title="p-values (uniform if in-distribution)")
     axes[0].legend(fontsize="small")
     return f'<img src="{figure_data_uri(fig)}" alt="score and p-value histograms">'
 
 
-def _errors(errors: pa.Table) -> str:
-    if errors.num_rows == 0:
+@dataclass(frozen=True)
+class ErrorReasons:
+    """Rejected rows per reason (see :func:`error_reason`) and one full message of each."""
+
+    counts: dict[str, int]
+    examples: dict[str, str]
+
+
+def _errors(errors: ErrorReasons) -> str:
+    total = sum(errors.counts.values())
+    if total == 0:
         return "<p>No errors.</p>"
-    reasons = Counter(error_reason(m) for m in errors.column("error").to_pylist())
-    examples: dict[str, str] = {}
-    for row_id, message in zip(
-        errors.column("id").to_pylist(), errors.column("error").to_pylist(), strict=True
-    ):
-        examples.setdefault(error_reason(message), f"{row_id}: {message}")
-    rows = [[reason, count, examples[reason]] for reason, count in reasons.most_common()]
-    return html_table(
-        ["reason", "rows", "example"], rows, caption=f"{errors.num_rows} rejected rows by reason"
-    )
+    rows = [
+        [reason, count, errors.examples[reason]] for reason, count in Counter(errors.counts).most_common()
+    ]
+    return html_table(["reason", "rows", "example"], rows, caption=f"{total} rejected rows by reason")
 
 
 def render_run_report(
     summary: Mapping[str, Any],
-    scores: pa.Table,
-    errors: pa.Table,
-    groups: np.ndarray,
+    top: Sequence[Mapping[str, Any]],
+    histograms: Mapping[str, Any],
+    score_edges: np.ndarray | None,
+    errors: ErrorReasons,
     images: Mapping[str, np.ndarray],
-    top_k: int,
 ) -> str:
-    """The page as a string; ``groups`` is each score row's top-level folder, ``images`` the thumbnails."""
-    top = scores.slice(0, top_k).to_pylist()
+    """The page as a string: ``top`` are the first score rows in rank order, ``histograms`` the score and
+    p-value counts per top-level folder (on ``score_edges``), ``images`` the thumbnails by row id."""
     sections = [
         ("Counts", _counts(summary)),
         ("Drift test", _drift(summary["drift"])),
         (f"Top {len(top)} most OOD", _thumbnails(top, images, str(summary["corpus"]))),
-        ("Scores and p-values by folder", _histograms(scores, groups)),
+        ("Scores and p-values by folder", _histograms(histograms, score_edges)),
         ("Errors", _errors(errors)),
     ]
     intro = (

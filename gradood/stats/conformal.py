@@ -127,19 +127,28 @@ def q_values_from_index(
     m c(m) (k' / (n + 1)) / #{rows with index <= k'}, capped at 1 (c(m) = 1 for BH, sum_i 1/i for BY).
     """
     k = np.asarray(p_index, dtype=np.int64)
-    m = k.size
-    if m == 0:
+    if k.size == 0:
         return np.zeros(0)
     if k.min() < 1 or k.max() > n_calibration + 1:
         raise ValueError(f"p-value indices must lie in 1..{n_calibration + 1}")
-    counts = np.bincount(k, minlength=n_calibration + 2)[1:]
+    return q_value_table(p_index_counts(k, n_calibration), method)[k - 1]
+
+
+def p_index_counts(p_index: np.ndarray, n_calibration: int) -> np.ndarray:
+    """How many rows have each p-value index 1..n+1: all BH/BY needs, and it adds across blocks."""
+    return np.bincount(np.asarray(p_index, dtype=np.int64), minlength=n_calibration + 2)[1:]
+
+
+def q_value_table(counts: np.ndarray, method: FdrMethod = FdrMethod.bh) -> np.ndarray:
+    """The q-value of each p-value index 1..n+1, given the run's ``counts`` of each index."""
+    counts = np.asarray(counts, dtype=np.int64)
+    m = int(counts.sum())
     at_most = np.cumsum(counts)
     c_m = 1.0 if FdrMethod(method) is FdrMethod.bh else float(np.sum(1.0 / np.arange(1, m + 1)))
-    levels = np.arange(1, n_calibration + 2) / (n_calibration + 1)
+    levels = np.arange(1, counts.size + 1) / counts.size
     with np.errstate(divide="ignore"):
         ratio = np.where(at_most > 0, m * c_m * levels / np.maximum(at_most, 1), np.inf)
-    q = np.minimum(np.minimum.accumulate(ratio[::-1])[::-1], 1.0)
-    return q[k - 1]
+    return np.minimum(np.minimum.accumulate(ratio[::-1])[::-1], 1.0)
 
 
 def fdr_flags(q_values: np.ndarray, fdr: float) -> np.ndarray:

@@ -66,26 +66,26 @@ class ExtractionTotals:
     decode_seconds: float = 0.0
     #: shards an earlier attempt had finished with the same plan, taken over instead of recomputed
     resumed_shards: int = 0
-    #: seconds from the start of extraction to the first and the last shard computed in this attempt,
-    #: and the rows of the shards after the first: the steady-state rate leaves Ray's start-up out
-    first_shard_at: float | None = None
-    last_shard_at: float | None = None
-    rows_after_first: int = 0
+    #: wall-clock (epoch seconds, from the workers) when the first shard computed in this attempt
+    #: started and the last one ended, and the rows of those shards: the steady-state rate leaves Ray's
+    #: start-up and the model's loading out, and keeps every wait in between
+    first_start: float | None = None
+    last_end: float | None = None
+    rows_computed: int = 0
 
-    def finished(self, summary: dict[str, Any], at: float) -> None:
-        """A shard computed in this attempt reported back ``at`` seconds after extraction started."""
-        if self.first_shard_at is None:
-            self.first_shard_at = at
-        else:
-            self.rows_after_first += int(summary["rows_in"])
-        self.last_shard_at = at
+    def finished(self, summary: dict[str, Any]) -> None:
+        """A shard computed in this attempt (not taken over from an earlier one) reported back."""
+        start, end = float(summary["started_at"]), float(summary["ended_at"])
+        self.first_start = start if self.first_start is None else min(self.first_start, start)
+        self.last_end = end if self.last_end is None else max(self.last_end, end)
+        self.rows_computed += int(summary["rows_in"])
 
     def throughput(self) -> dict[str, float | None]:
-        """Rows per second: wall-clock, per busy worker-second, and at steady state (wall-clock between
-        the first and the last shard, None with fewer than two shards computed)."""
+        """Rows per second: wall-clock, per busy worker-second, and at steady state (wall-clock from the
+        first computed shard's start to the last one's end; None when no shard was computed)."""
         steady = None
-        if self.first_shard_at is not None and self.last_shard_at > self.first_shard_at:
-            steady = self.rows_after_first / (self.last_shard_at - self.first_shard_at)
+        if self.first_start is not None and self.last_end > self.first_start:
+            steady = self.rows_computed / (self.last_end - self.first_start)
         return {
             "rows_per_s": self.rows_in / max(self.seconds, 1e-9),
             "rows_per_worker_s": self.rows_in / max(self.worker_seconds, 1e-9),
@@ -231,6 +231,7 @@ def run_extraction(
         resources["num_gpus"] = ex.num_gpus_per_worker
     ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=max(1, len(pending)))
     decode_args = {"num_cpus": ex.decode_cpus}
+    pool_size = _pool_size(ex, len(pending), what)
     ds = ds.map_batches(
         decode_shards,
         batch_size=1,
@@ -244,7 +245,8 @@ def run_extraction(
         ShardFeatureWriter,
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(ex, len(pending), what)),
+        # all workers from the start: growing the pool on demand would load the model mid-run
+        compute=ray.data.ActorPoolStrategy(size=pool_size),
         fn_constructor_kwargs={
             "weights": weights,
             "model_meta": model_meta,
@@ -259,7 +261,7 @@ def run_extraction(
     for summary in ds.iter_rows() if pending else ():
         totals.add(summary, on_shard)
         elapsed = time.perf_counter() - t0
-        totals.finished(summary, elapsed)
+        totals.finished(summary)
         log(
             f"{what}: {totals.shards}/{len(shards)} shards, {totals.rows_in}/{total_rows} rows, "
             f"{totals.rows_in / max(elapsed, 1e-9):.1f} rows/s, {totals.rows_rejected} rejected"

@@ -6,6 +6,7 @@ Layout under ``output.uri``::
     runs/<run id>/_SUCCESS  written last: a run without it is incomplete, whatever files it holds
     runs.json               the top-level view: every published run, newest last (rewritten atomically)
     manifest/run_id=<id>.parquet   the inputs a run scored (uri, size, mtime), read by incremental runs
+                                   once the run is published (written before extraction)
     detector.json, fit/     the detector, shared by every night (reused while its settings match)
 
 A run first unpublishes its own id (removes ``_SUCCESS`` and its ``runs.json`` entry), so a reader or

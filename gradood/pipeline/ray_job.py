@@ -1,10 +1,11 @@
 """The score-corpus job on Ray, a thin orchestrator over the stages' modules:
 
 model (trained first when missing) -> fit-set features -> reducer -> calibrated detector suite
-(:mod:`~gradood.pipeline.fit`) -> the night's inputs (incremental: new or changed only) -> corpus
+(:mod:`~gradood.pipeline.fit`) -> the night's inputs (incremental: new or changed only) and their
+manifest -> corpus
 features, resumable (:mod:`~gradood.pipeline.extract`) -> scores, ranks and FDR flags
 (:mod:`~gradood.pipeline.score`) -> summary, drift test and report (:mod:`~gradood.pipeline.summary`,
-:mod:`~gradood.pipeline.report`) -> manifest and publish (:mod:`~gradood.pipeline.publish`).
+:mod:`~gradood.pipeline.report`) -> publish (:mod:`~gradood.pipeline.publish`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ def ensure_model(cfg: ScoreCorpusConfig) -> str:
     ckpt = storage.absolute(cfg.model.checkpoint)
     if all(storage.exists(storage.join(ckpt, name)) for name in (WEIGHTS_FILE, META_FILE)):
         return ckpt
-    if storage.is_uri(ckpt):
-        raise FileNotFoundError(f"no checkpoint at model.checkpoint={ckpt} ({WEIGHTS_FILE} + {META_FILE})")
     if not cfg.train.if_missing:
         raise FileNotFoundError(
             f"no checkpoint at model.checkpoint={cfg.model.checkpoint} and train.if_missing=false"
@@ -115,6 +114,9 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
 
     t_plan = time.perf_counter()
     source, inputs = corpus_source(cfg, out, run_id)
+    if inputs is not None:  # written now, read only once the run is published; not held meanwhile
+        write_manifest(out, run_id, inputs)
+        del inputs
     t_extract = time.perf_counter()
     corpus = run_extraction("corpus features", source, run_uri, weights, model_meta, cfg)
 
@@ -171,8 +173,6 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     storage.write_json(storage.join(run_uri, "summary.json"), summary)
     converter = ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
     write_run_report(run_uri, summary, scores, source, converter, cfg.run.report_top_k)
-    if inputs is not None:
-        write_manifest(out, run_id, inputs)
     publish(out, run_id, summary)
     print_summary(summary)
     return summary

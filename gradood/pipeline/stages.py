@@ -262,7 +262,7 @@ class ShardFeatureWriter:
         }
 
     def process(self, shard: Shard, rows: LoadedRows, decode_seconds: float = 0.0) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        started_at, t0 = time.time(), time.perf_counter()
         s = self.settings
         feats = compute_features(
             self.model,
@@ -297,7 +297,12 @@ class ShardFeatureWriter:
             storage.delete_file(errors_file)
         storage.write_parquet(table, storage.join(s.features_uri, name))
         summary = shard_summary(shard, table, len(errors), s, time.perf_counter() - t0)
-        return {**summary, "decode_seconds": decode_seconds}
+        return {
+            **summary,
+            "decode_seconds": decode_seconds,
+            "started_at": started_at,
+            "ended_at": time.time(),
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries = [

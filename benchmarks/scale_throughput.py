@@ -1,6 +1,6 @@
 """Scale benchmark: the whole score-corpus job on synthetic corpora of 10^5 and 10^6 small images.
 
-    python benchmarks/scale_throughput.py --out scale.json                 # everything (~40 min, 2 cores)
+    python benchmarks/scale_throughput.py --out scale.json                 # everything (~25 min, 2 cores)
     python benchmarks/scale_throughput.py --rows 100000 --kinds parquet --glow-rows 0 --out quick.json
 
 Each job runs in a fresh driver process (an embedded Ray, like `python jobs/score_corpus.py`), so its

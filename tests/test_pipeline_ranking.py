@@ -97,3 +97,15 @@ def test_an_empty_block_contributes_nothing():
     assert stats.num_rows == 0 and stats.score_range is None and stats.p_index_counts.sum() == 0
     run = merge_stats([stats], 10, FdrMethod.bh, drift)
     assert run.complete_sets == 0 and run.score_edges is None and run.drift["p_value"] is None
+
+
+def test_a_p_value_off_the_calibration_grid_is_refused():
+    rng = np.random.default_rng(0)
+    block = scored_rows(rng, 5, 10)
+    block = block.set_column(1, "ood_score", pa.array(np.arange(5.0)[::-1]))  # sorted, as blocks are
+    block = block.set_column(2, "p_value", pa.array([0.0, 0.5, 0.5, 0.5, 0.5]))  # 0 is not k / 11
+    block = block.set_column(6, "complete_set", pa.array(np.ones(5, bool)))
+    drift = RankSumDrift(np.arange(10.0))
+    run = merge_stats([block_stats(block, 10, drift)], 10, FdrMethod.bh, drift)
+    with pytest.raises(ValueError, match="k / 11"):
+        finish_block(block, 1, run, n_calibration=10, fdr=0.1, corpus_uri="/corpus", top_k=1)

@@ -81,8 +81,9 @@ class ExtractionTotals:
         self.rows_computed += int(summary["rows_in"])
 
     def throughput(self) -> dict[str, float | None]:
-        """Rows per second: wall-clock, per busy worker-second, and at steady state (wall-clock from the
-        first computed shard's start to the last one's end; None when no shard was computed)."""
+        """Rows per second: wall-clock, per busy worker-second, at steady state (wall-clock from the
+        first computed shard's start to the last one's end; None when no shard was computed) and per
+        busy second of the decode tasks."""
         steady = None
         if self.first_start is not None and self.last_end > self.first_start:
             steady = self.rows_computed / (self.last_end - self.first_start)
@@ -90,6 +91,7 @@ class ExtractionTotals:
             "rows_per_s": self.rows_in / max(self.seconds, 1e-9),
             "rows_per_worker_s": self.rows_in / max(self.worker_seconds, 1e-9),
             "steady_rows_per_s": steady,
+            "decode_rows_per_s": self.rows_in / self.decode_seconds if self.decode_seconds else None,
         }
 
     def add(self, summary: dict[str, Any], on_shard: Callable[[dict[str, Any]], None] | None) -> None:

@@ -155,7 +155,10 @@ def finish_block(
     complete = block.column("complete_set").to_numpy(zero_copy_only=False)
     p_value = np.where(complete, block.column("p_value").to_numpy(), np.nan)
     q_value = np.full(block.num_rows, np.nan)
-    q_value[complete] = run.q_table[_p_index(block, n_calibration) - 1]
+    p_index = _p_index(block, n_calibration)
+    if p_index.size and (p_index.min() < 1 or p_index.max() > n_calibration + 1):
+        raise ValueError(f"p-values must be k / {n_calibration + 1} with k in 1..{n_calibration + 1}")
+    q_value[complete] = run.q_table[p_index - 1]
     flagged = np.zeros(block.num_rows, bool)
     flagged[complete] = fdr_flags(q_value[complete], fdr)
     rank = np.arange(first_rank, first_rank + block.num_rows, dtype=np.int64)

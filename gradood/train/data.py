@@ -50,7 +50,7 @@ from gradood.data.sources import CorpusSource, Shard, load_rows, open_source
 from gradood.models.base import DensityModel
 from gradood.seeding import row_seed
 from gradood.train.loop import TrainBatch
-from gradood.train.read import decode_shards, shard_items
+from gradood.train.read import concat_rows, decode_training_rows, shard_items
 
 #: decoded bytes per block (one read task): small enough to stream, large enough to amortise a task
 BLOCK_BYTES = 4 * 2**20
@@ -80,7 +80,7 @@ def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConv
     """The decodable rows of ``shards`` in source order, one read task per shard (nothing read yet)."""
     ds = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
     return ds.map_batches(
-        decode_shards,
+        decode_training_rows,
         fn_kwargs={"source": source, "converter": converter},
         batch_size=1,
         batch_format="numpy",
@@ -92,21 +92,19 @@ def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConv
 def init_batch(source: CorpusSource, converter: ImageConverter, limit: int) -> TrainBatch:
     """The first ``limit`` decodable rows in source order, decoded here (on the driver: a few hundred
     rows, read once and shipped to every rank, instead of a Ray Data pipeline per rank)."""
-    ids: list[str] = []
-    index, images = [], []
+    loaded, found = [], 0
     for shard in source.shards(max(1, limit)):
-        loaded = load_rows(source, shard, converter)
-        ids.extend(loaded.ids)
-        index.append(loaded.indices)
-        images.append(loaded.images)
-        if len(ids) >= limit:
+        loaded.append(load_rows(source, shard, converter))
+        found += len(loaded[-1].ids)
+        if found >= limit:
             break
-    if not ids:
+    if not found:
         raise ValueError(f"no decodable training rows in {source.uri}")
+    rows = concat_rows(loaded)
     return TrainBatch(
-        ids=ids[:limit],
-        index=torch.from_numpy(np.concatenate(index)[:limit]),
-        images=torch.from_numpy(np.concatenate(images)[:limit]),
+        ids=[str(i) for i in rows["id"][:limit]],
+        index=torch.from_numpy(rows["index"][:limit]),
+        images=torch.from_numpy(rows["image"][:limit]),
     )
 
 

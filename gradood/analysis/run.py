@@ -77,7 +77,7 @@ def load_model(cfg: AnalyseConfig) -> tuple[Any, bytes, dict[str, Any], str]:
 def held_out_rows(cfg: AnalyseConfig, model: Any, n: int) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` fit-set rows decoded in-process (FIM over data, the invariance check)."""
     source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=n)
-    converter = ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
+    converter = ImageConverter.for_model(model, **dataclasses.asdict(cfg.image))
     rows = load_all(source, converter)
     return torch.from_numpy(np.asarray(rows.images, np.float32)), list(rows.ids)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -161,6 +162,12 @@ class ImageConverter:
         self.size = (height, width)
         self.resize = resize
         self.interpolation = interpolation
+
+    @classmethod
+    def for_model(cls, model: Any, resize: str = "resize", interpolation: str = "bilinear") -> ImageConverter:
+        """The conversion to ``model``'s input: its ``image_mode`` and the (height, width) of its
+        ``input_shape``."""
+        return cls(model.image_mode, tuple(model.input_shape[1:]), resize, interpolation)
 
     @property
     def shape(self) -> tuple[int, int, int]:

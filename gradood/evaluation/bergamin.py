@@ -41,7 +41,7 @@ def _batches(
 
 
 def load_rows(uri: str, model: DensityModel, start: int = 0, limit: int | None = None) -> LoadedRows:
-    converter = ImageConverter(model.image_mode, model.input_shape[1:])
+    converter = ImageConverter.for_model(model)
     return load_all(open_source(uri, start=start, limit=limit), converter)
 
 

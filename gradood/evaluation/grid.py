@@ -216,7 +216,7 @@ def bergamin_scores(
 def _converter(model: Any) -> Any:
     from gradood.data.images import ImageConverter
 
-    return ImageConverter(model.image_mode, model.input_shape[1:])
+    return ImageConverter.for_model(model)
 
 
 def grid_rows(

@@ -130,7 +130,7 @@ def _pool_size(ex: ExtractConfig, shards: int, what: str) -> int:
 def image_converter(model_meta: dict[str, Any], cfg: ScoreCorpusConfig) -> ImageConverter:
     """How rows become the model's input, from the checkpoint's metadata (no weights needed)."""
     model = build_model(model_meta["model"], model_meta["params"])
-    return ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
+    return ImageConverter.for_model(model, **dataclasses.asdict(cfg.image))
 
 
 def _plan(shards: list[Shard], source: CorpusSource, settings: ExtractSettings, fingerprint: str) -> dict:

@@ -171,7 +171,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     if cfg.corpus.uri == "demo":
         summary["demo"] = demo_report(storage.read_parquet(scores.uri), cfg.detect.detector.value)
     storage.write_json(storage.join(run_uri, "summary.json"), summary)
-    converter = ImageConverter(model.image_mode, model.input_shape[1:], **dataclasses.asdict(cfg.image))
+    converter = ImageConverter.for_model(model, **dataclasses.asdict(cfg.image))
     write_run_report(run_uri, summary, scores, source, converter, cfg.run.report_top_k)
     publish(out, run_id, summary)
     print_summary(summary)

@@ -246,8 +246,7 @@ class ShardFeatureWriter:
         self.fingerprint = meta["fingerprint"]
         self.source = source
         self.settings = settings
-        c, h, w = self.model.input_shape
-        self.converter = ImageConverter(self.model.image_mode, (h, w), **settings.image)
+        self.converter = ImageConverter.for_model(self.model, **settings.image)
 
     def file_metadata(self) -> dict[str, Any]:
         s = self.settings

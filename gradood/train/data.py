@@ -73,7 +73,7 @@ def train_source(cfg: TrainJobConfig) -> CorpusSource:
 
 
 def model_converter(model: DensityModel, cfg: TrainJobConfig) -> ImageConverter:
-    return ImageConverter(model.image_mode, model.input_shape[1:], cfg.image.resize, cfg.image.interpolation)
+    return ImageConverter.for_model(model, cfg.image.resize, cfg.image.interpolation)
 
 
 def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConverter) -> ray.data.Dataset:

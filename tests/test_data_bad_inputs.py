@@ -255,7 +255,7 @@ def test_pyarrow_listing_agrees_where_it_can(tmp_path):
     os.mkfifo(root / "a" / "fifo")
     local = sorted(listing._local_entries(str(root)))
     assert sorted(listing._remote_entries(pafs.LocalFileSystem(), str(root))) == local
-    assert dict(local)[str(root / "a" / "fifo")] == listing.NOT_REGULAR
+    assert {path: problem for path, problem, _, _ in local}[str(root / "a" / "fifo")] == listing.NOT_REGULAR
 
 
 def test_unreadable_folder_is_counted(tmp_path, monkeypatch):
@@ -428,3 +428,51 @@ def test_decoded_payloads_are_held_to_the_pixel_limit():
         "image has no pixels (0x4)",
         "image too large: 9x9 = 81 pixels, over max_pixels=64",
     ]
+
+
+def _rows(source: CorpusSource, shard_size: int) -> list[tuple]:
+    return [
+        (row.id, row.index, row.payload, row.error)
+        for shard in source.shards(shard_size)
+        for row in source.read_shard(shard)
+    ]
+
+
+def test_listing_in_ray_tasks_is_the_in_memory_listing(folder_zoo, local_ray, tmp_path):
+    """Parts listed by tasks give the same rows, ids, indices, skipped counts and inputs as one pass."""
+    from gradood.pipeline.plan import stage_listing
+    from gradood.pipeline.publish import new_or_changed, read_seen
+
+    root, _ = folder_zoo
+    # names whose files sort across folder boundaries: "a b/z" < "a-b/y" < "a.png" < "a/x" < "a0.png"
+    for name in ("a.png", "a0.png", "a/x.png", "a-b/y.png", "a b/z.png", "zz/.hid/q.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(encode(Image.fromarray(rgb(len(name))), "PNG"))
+    (root / "loop-dir").symlink_to(".")  # a top-level folder link back to the root
+    reference = open_source(str(root), max_bytes=MAX_BYTES)
+    staged = stage_listing(str(root), str(tmp_path / "parts"), [], max_bytes=MAX_BYTES)
+    source = staged.source
+    assert staged.listed == staged.kept == reference.num_rows() == source.num_rows()
+    assert len(source.parts) > 5
+    assert source.skipped() == reference.skipped()
+    assert source.skipped()[listing.SYMLINK_LOOP] == 5 and source.skipped()[listing.IN_HIDDEN_FOLDER] == 4
+    expected = _rows(reference, 1000)
+    assert [r[0] for r in expected] == sorted(r[0] for r in expected)
+    for shard_size in (1, 3, 1000):
+        assert _rows(source, shard_size) == expected
+    assert source.input_files().equals(reference.input_files())
+
+    # an incremental night: files a published manifest lists with the same size and mtime are left out
+    inputs = reference.input_files()
+    seen_rows = inputs.take([0, 3, 4, 9, len(inputs) - 1])
+    changed = seen_rows.take([1]).set_column(1, "size", pa.array([1], pa.int64()))  # listed, since changed
+    manifest = tmp_path / "manifest" / "run_id=night1"
+    manifest.mkdir(parents=True)
+    pq.write_table(pa.concat_tables([seen_rows.take([0, 2, 3, 4]), changed]), manifest / "part-0.parquet")
+    assert read_seen([str(manifest)], (inputs["uri"][2].as_py(), inputs["uri"][4].as_py())).num_rows == 2
+    night = stage_listing(str(root), str(tmp_path / "parts2"), [str(manifest)], max_bytes=MAX_BYTES)
+    new = new_or_changed(inputs, read_seen([str(manifest)]))
+    assert night.listed == len(inputs) and night.kept == new.num_rows == len(inputs) - 4
+    assert night.source.input_files().equals(new)
+    kept = set(new.column("uri").to_pylist())
+    assert [r[0] for r in _rows(night.source, 4)] == [r[0] for r in expected if r[0] in kept]

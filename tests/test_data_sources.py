@@ -123,8 +123,8 @@ def test_unreadable_file_is_an_error_row(image_tree):
 
 def test_remote_ids_keep_the_scheme():
     mock = pafs._MockFileSystem()
-    assert sources._file_uri("s3://bucket/dir", mock, "bucket/dir/a.png") == "s3://bucket/dir/a.png"
-    assert sources._file_uri("hdfs://nn:8020/dir", mock, "/dir/a.png") == "hdfs://nn:8020/dir/a.png"
+    assert sources.file_id("s3://bucket/dir", mock, "bucket/dir/a.png") == "s3://bucket/dir/a.png"
+    assert sources.file_id("hdfs://nn:8020/dir", mock, "/dir/a.png") == "hdfs://nn:8020/dir/a.png"
 
 
 @pytest.mark.parametrize("align", [1, 5])

@@ -213,7 +213,11 @@ def test_job_on_s3_equals_the_job_on_local_disk(s3_night, client, inputs):
     assert summary["output"] == f"{S3['out']}/runs/night" and summary["corpus"] == S3["parquet"]
     out_keys = keys(client, "screening/")
     run_files = ("_SUCCESS", "run.yaml", "summary.json", "report.html")
-    for key in ("runs.json", "manifest/run_id=night.parquet", *(f"runs/night/{f}" for f in run_files)):
+    for key in (
+        "runs.json",
+        "manifest/run_id=night/part-0.parquet",
+        *(f"runs/night/{f}" for f in run_files),
+    ):
         assert f"screening/{key}" in out_keys, key
     assert keys(client, "detectors/") == ["detectors/pixelcnn.json"]
     assert "screening/detector.json" not in out_keys
@@ -230,7 +234,7 @@ def test_job_on_s3_equals_the_job_on_local_disk(s3_night, client, inputs):
         "corrupt/empty.png",
         "corrupt/truncated.png",
     ]
-    manifest = read(f"{S3['out']}/manifest").to_pylist()
+    manifest = read(f"{S3['out']}/manifest/run_id=night").to_pylist()
     objects = client.list_objects_v2(Bucket=BUCKET, Prefix="parquet/")["Contents"]
     assert {r["uri"]: r["size"] for r in manifest} == {
         f"s3://{BUCKET}/{o['Key']}": o["Size"] for o in objects

@@ -65,7 +65,7 @@ _UNREADABLE_FILE_ROWS = 1
 # files on a pyarrow filesystem
 
 
-def _file_uri(uri: str, fs: pafs.FileSystem, path: str) -> str:
+def file_id(uri: str, fs: pafs.FileSystem, path: str) -> str:
     """A file's id: its absolute path on the local filesystem, else a URI keeping the source's scheme."""
     if isinstance(fs, pafs.LocalFileSystem):
         return path
@@ -147,7 +147,7 @@ class _FileSource(CorpusSource):
         return narrowed
 
     def _id_of(self, path: str) -> str:
-        return _file_uri(self.uri, self._fs, path)
+        return file_id(self.uri, self._fs, path)
 
 
 class FolderSource(_FileSource):
@@ -169,7 +169,11 @@ class FolderSource(_FileSource):
         return tuple(self._listing()[row_start:row_stop])
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
-        for index, path in enumerate(shard.locator, start=shard.row_start):
+        return self._read_files(((path, self._id_of(path)) for path in shard.locator), shard.row_start)
+
+    def _read_files(self, files: Iterable[tuple[str, str]], row_start: int) -> Iterator[RawRow]:
+        """One row per (path, id), numbered from ``row_start``."""
+        for index, (path, row_id) in enumerate(files, start=row_start):
             try:
                 with self._fs.open_input_file(path) as handle:
                     # checked before reading, so an oversized file is never loaded
@@ -177,7 +181,7 @@ class FolderSource(_FileSource):
                     payload = None if error else handle.read()
             except OSError as err:
                 payload, error = None, f"cannot read file: {err}"
-            yield RawRow(self._id_of(path), index, payload, error)
+            yield RawRow(row_id, index, payload, error)
 
 
 class ParquetSource(_FileSource):

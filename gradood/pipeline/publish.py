@@ -5,8 +5,9 @@ Layout under ``output.uri``::
     runs/<run id>/          one run: features/, errors/, scores/, summary.json, report.html, run.yaml
     runs/<run id>/_SUCCESS  written last: a run without it is incomplete, whatever files it holds
     runs.json               the top-level view: every published run, newest last (rewritten atomically)
-    manifest/run_id=<id>.parquet   the inputs a run scored (uri, size, mtime), read by incremental runs
-                                   once the run is published (written before extraction)
+    manifest/run_id=<id>/   the inputs a run scored (uri, size, mtime), read by incremental runs once
+                            the run is published; written by the listing tasks, before extraction
+                            (``run_id=<id>.parquet``, one file, as earlier versions wrote it, is read too)
     detector.json, fit/     the detector, shared by every night (reused while its settings match)
 
 A run first unpublishes its own id (removes ``_SUCCESS`` and its ``runs.json`` entry), so a reader or
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -75,36 +77,68 @@ def published_runs(out: str) -> list[str]:
     return [r["run_id"] for r in _index(out) if storage.exists(storage.join(r["path"], SUCCESS))]
 
 
-MANIFEST_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("run_id", pa.string())]
-)
+#: a manifest part's columns; the run is the folder name (``run_id=<id>``, hive style)
+MANIFEST_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+
+
+def manifest_uri(out: str, run_id: str) -> str:
+    """The folder of a run's manifest parts."""
+    return storage.join(out, "manifest", f"run_id={run_id}")
+
+
+def clear_manifest(out: str, run_id: str) -> None:
+    """Remove a run's manifest (either layout) before a rerun writes it again."""
+    legacy = f"{manifest_uri(out, run_id)}.parquet"
+    if storage.exists(legacy):
+        storage.delete_file(legacy)
+    storage.delete_dir(manifest_uri(out, run_id))
 
 
 def write_manifest(out: str, run_id: str, inputs: pa.Table) -> None:
-    table = inputs.append_column("run_id", pa.array([run_id] * inputs.num_rows, pa.string()))
-    storage.write_parquet(
-        table.cast(MANIFEST_SCHEMA), storage.join(out, "manifest", f"run_id={run_id}.parquet")
-    )
+    clear_manifest(out, run_id)
+    part = storage.join(manifest_uri(out, run_id), "part-0.parquet")
+    storage.write_parquet(inputs.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA), part)
 
 
-def seen_inputs(out: str, except_run: str) -> pa.Table:
-    """Manifest rows of every published run but ``except_run`` (a rerun of a night selects as before)."""
-    runs = set(published_runs(out)) - {except_run}
-    tables = [
-        storage.read_parquet(storage.join(out, "manifest", f"run_id={r}.parquet"))
-        for r in sorted(runs)
-        if storage.exists(storage.join(out, "manifest", f"run_id={r}.parquet"))
-    ]
+def seen_manifests(out: str, except_run: str) -> list[str]:
+    """Manifests of every published run but ``except_run`` (a rerun of a night selects as before)."""
+    found = []
+    for run in sorted(set(published_runs(out)) - {except_run}):
+        for uri in (manifest_uri(out, run), f"{manifest_uri(out, run)}.parquet"):
+            if storage.exists(uri):
+                found.append(uri)
+    return found
+
+
+KEY = MANIFEST_SCHEMA.names
+
+
+def read_seen(manifests: list[str], uri_range: tuple[str, str] | None = None) -> pa.Table:
+    """(uri, size, mtime_ns) of the manifests' rows, only those with lo <= uri <= hi given a range.
+
+    Manifests are sorted by uri, so the range skips the row groups of other folders unread.
+    """
+    import pyarrow.dataset as pads
+
+    tables = []
+    for uri in manifests:
+        fs, path = storage.filesystem(uri)
+        rows = pads.dataset(path, filesystem=fs, format="parquet")
+        where = None
+        if uri_range is not None:
+            where = (pads.field("uri") >= uri_range[0]) & (pads.field("uri") <= uri_range[1])
+        tables.append(rows.to_table(columns=KEY, filter=where))
     return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
 
 
 def new_or_changed(inputs: pa.Table, seen: pa.Table) -> pa.Table:
-    """Inputs whose (uri, size, mtime) no published run has scored."""
-    key = ["uri", "size", "mtime_ns"]
+    """Inputs whose (uri, size, mtime) no published run has scored, in their order."""
     if seen.num_rows == 0:
         return inputs
-    known = seen.select(key).group_by(key).aggregate([])
-    joined = inputs.join(
-        known.append_column("_seen", pa.array([True] * known.num_rows)), key, join_type="left outer"
+    known = seen.select(KEY).group_by(KEY).aggregate([])
+    order = inputs.append_column("_order", pa.array(np.arange(inputs.num_rows)))
+    joined = order.join(
+        known.append_column("_seen", pa.array([True] * known.num_rows)), KEY, join_type="left outer"
     )
-    return joined.filter(pc.is_null(joined.column("_seen"))).drop_columns(["_seen"]).sort_by("uri")
+    kept = joined.filter(pc.is_null(joined.column("_seen"))).sort_by("_order")
+    return kept.drop_columns(["_seen", "_order"]).select(inputs.column_names)

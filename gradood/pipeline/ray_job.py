@@ -13,24 +13,26 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Any
-
-import pyarrow as pa
+from urllib.parse import urlsplit
 
 import gradood
 from gradood.config import ScoreCorpusConfig, TrainJobConfig, to_yaml
 from gradood.data.images import ImageConverter
-from gradood.data.sources import CorpusSource, open_source
+from gradood.data.sources import TORCHVISION_SCHEME, CorpusSource, open_source
 from gradood.features import feature_layer_names
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, model_from_bytes
 from gradood.pipeline import storage
 from gradood.pipeline.extract import init_ray, log, run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
+from gradood.pipeline.plan import stage_listing
 from gradood.pipeline.publish import (
     default_run_id,
+    manifest_uri,
     new_or_changed,
     publish,
+    read_seen,
     run_dir,
-    seen_inputs,
+    seen_manifests,
     unpublish,
     write_manifest,
 )
@@ -56,35 +58,48 @@ def ensure_model(cfg: ScoreCorpusConfig) -> str:
     return ckpt
 
 
-def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> tuple[CorpusSource, pa.Table | None]:
-    """The night's source and its inputs (uri, size, mtime); incremental runs keep new or changed ones."""
+def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource:
+    """The night's source, its manifest written; incremental runs keep new or changed input files.
+
+    A folder of images is listed by Ray tasks into the manifest (:mod:`~gradood.pipeline.plan`); other
+    sources are listed here.
+    """
     corpus_uri = cfg.corpus.uri
     if corpus_uri == "demo":
         from gradood.data.demo import build_demo_corpus
 
         corpus_uri = storage.join(out, "demo_corpus")
         build_demo_corpus(corpus_uri, rows_per_source=cfg.corpus.demo_rows_per_source, seed=cfg.seed)
-    source = open_source(
-        corpus_uri,
-        image_column=cfg.corpus.image_column,
-        limit=cfg.corpus.limit,
-        max_pixels=cfg.corpus.max_pixels,
-        max_bytes=cfg.corpus.max_bytes,
-    )
-    inputs = source.input_files()
-    if not cfg.run.incremental:
-        return source, inputs
-    if inputs is None or cfg.corpus.limit is not None:
+    incremental = cfg.run.incremental
+    not_files = urlsplit(corpus_uri).scheme == TORCHVISION_SCHEME
+    if incremental and (not_files or cfg.corpus.limit is not None):
         raise ValueError(
             "run.incremental=true needs a folder or Parquet corpus without corpus.limit "
             f"(it compares files by size and modification time), got {cfg.corpus.uri}"
         )
-    new = new_or_changed(inputs, seen_inputs(out, run_id))
-    log(
-        f"incremental: {new.num_rows} of {inputs.num_rows} input files are new or changed since the "
-        "published runs"
-    )
-    return source.with_files(new.column("uri").to_pylist()), new
+    seen = seen_manifests(out, run_id) if incremental else []
+    limits = {"max_pixels": cfg.corpus.max_pixels, "max_bytes": cfg.corpus.max_bytes}
+    staged = None
+    if not not_files and cfg.corpus.image_column is None:
+        staged = stage_listing(corpus_uri, manifest_uri(out, run_id), seen, limit=cfg.corpus.limit, **limits)
+    if staged is not None:
+        listed, kept = staged.listed, staged.kept
+        source: CorpusSource = staged.source
+    else:
+        source = open_source(
+            corpus_uri, image_column=cfg.corpus.image_column, limit=cfg.corpus.limit, **limits
+        )
+        inputs = source.input_files()
+        if inputs is not None:
+            listed = inputs.num_rows
+            if incremental:
+                inputs = new_or_changed(inputs, read_seen(seen))
+                source = source.with_files(inputs.column("uri").to_pylist())
+            kept = inputs.num_rows
+            write_manifest(out, run_id, inputs)
+    if incremental:
+        log(f"incremental: {kept} of {listed} input files are new or changed since the published runs")
+    return source
 
 
 def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
@@ -113,10 +128,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     check_detector(detector, model_meta["fingerprint"], ex.group_size, "in use")
 
     t_plan = time.perf_counter()
-    source, inputs = corpus_source(cfg, out, run_id)
-    if inputs is not None:  # written now, read only once the run is published; not held meanwhile
-        write_manifest(out, run_id, inputs)
-        del inputs
+    source = corpus_source(cfg, out, run_id)
     t_extract = time.perf_counter()
     corpus = run_extraction("corpus features", source, run_uri, weights, model_meta, cfg)
 

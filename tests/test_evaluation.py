@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,3 +72,15 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     assert "http://" not in html and "https://" not in html
     assert json.loads((out / "summary.json").read_text())["family_ranking"].keys() == {"glow"}
     assert summary["html"].endswith("report.html")
+
+    # the combination study reads the grid's B=1 runs and reproduces the job's combinations' AUROCs
+    study = tmp_path / "combinations.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "combination_search.py"
+    subprocess.run(
+        [sys.executable, str(script), "--grid", str(out), "--out", str(study)], check=True, timeout=300
+    )
+    combinations = {(r["rule"], tuple(r["tests"])): r for r in json.loads(study.read_text())["combinations"]}
+    b1 = metrics[metrics["group_size"] == 1].set_index(["detector", "source"])["auroc"]
+    for detector, rule in (("combined", "fisher"), ("combined_tippett", "tippett")):
+        found = combinations[(rule, ("paper", "fullcov", "typicality"))]["auroc"]["glow"]
+        assert found == pytest.approx({s: b1[(detector, s)] for s in found}, abs=1e-12)

@@ -23,6 +23,7 @@ from scipy.special import logsumexp
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.data.demo import DEMO_ID_SOURCE, demo_source_of
 from gradood.pipeline import storage
+from gradood.pipeline.publish import published_runs, run_dir
 from gradood.pipeline.tables import feature_matrix
 from gradood.stats import DetectorSuite, TestName, ood_metrics
 
@@ -34,12 +35,17 @@ RULES = {
 TOLERANCE = 0.01
 
 
-def family_tails(run: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every test's smooth log-tail per feature row of one run, and each row's source."""
-    cfg = load_config(ScoreCorpusConfig, [run / "run.yaml"])
-    detector = storage.read_json(str(run / "detector.json"))
+def family_tails(out: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every test's smooth log-tail per feature row of one grid run (its latest published night), and
+    each row's source."""
+    published = published_runs(str(out))
+    if not published:
+        raise SystemExit(f"{out}: no published run")
+    run_uri = run_dir(str(out), published[-1])
+    cfg = load_config(ScoreCorpusConfig, [storage.join(run_uri, "run.yaml")])
+    detector = storage.read_json(storage.absolute(cfg.output.detector_uri or str(out / "detector.json")))
     suite = DetectorSuite.from_dict(detector["suite"])
-    features = storage.read_parquet(str(run / "features")).sort_by("row_index")
+    features = storage.read_parquet(storage.join(run_uri, "features")).sort_by("row_index")
     x = feature_matrix(features, detector["layers"], cfg.fit.min_sqnorm)
     tails = {t: suite.calibrators_[t].log_tail(suite._test_scores(t, x)) for t in suite.tests_}
     return tails, np.array([demo_source_of(i) for i in features.column("id").to_pylist()])

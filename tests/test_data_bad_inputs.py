@@ -440,6 +440,7 @@ def _rows(source: CorpusSource, shard_size: int) -> list[tuple]:
 
 def test_listing_in_ray_tasks_is_the_in_memory_listing(folder_zoo, local_ray, tmp_path):
     """Parts listed by tasks give the same rows, ids, indices, skipped counts and inputs as one pass."""
+    from gradood.pipeline import storage
     from gradood.pipeline.plan import stage_listing
     from gradood.pipeline.publish import new_or_changed, read_seen
 
@@ -449,13 +450,19 @@ def test_listing_in_ray_tasks_is_the_in_memory_listing(folder_zoo, local_ray, tm
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(encode(Image.fromarray(rgb(len(name))), "PNG"))
     (root / "loop-dir").symlink_to(".")  # a top-level folder link back to the root
+    (root / "one" / "two").mkdir(parents=True)
+    (root / "one" / "two" / "x.png").write_bytes(encode(Image.fromarray(rgb(3)), "PNG"))
+    (root / "one" / "two" / "back").symlink_to("..")  # a link to an ancestor below the root
+    (root / "one" / "top.png").write_bytes(encode(Image.fromarray(rgb(4)), "PNG"))
     reference = open_source(str(root), max_bytes=MAX_BYTES)
     staged = stage_listing(str(root), str(tmp_path / "parts"), [], max_bytes=MAX_BYTES)
     source = staged.source
     assert staged.listed == staged.kept == reference.num_rows() == source.num_rows()
-    assert len(source.parts) > 5
+    # a small tree is listed a level at a time: one/'s own file and one/two/ land in separate parts
+    paths = [storage.read_parquet(p.uri, ["path"]).column("path").to_pylist() for p in source.parts]
+    assert [str(root / "one" / "top.png")] in paths and [str(root / "one" / "two" / "x.png")] in paths
     assert source.skipped() == reference.skipped()
-    assert source.skipped()[listing.SYMLINK_LOOP] == 5 and source.skipped()[listing.IN_HIDDEN_FOLDER] == 4
+    assert source.skipped()[listing.SYMLINK_LOOP] == 6 and source.skipped()[listing.IN_HIDDEN_FOLDER] == 4
     expected = _rows(reference, 1000)
     assert [r[0] for r in expected] == sorted(r[0] for r in expected)
     for shard_size in (1, 3, 1000):
@@ -470,6 +477,8 @@ def test_listing_in_ray_tasks_is_the_in_memory_listing(folder_zoo, local_ray, tm
     manifest.mkdir(parents=True)
     pq.write_table(pa.concat_tables([seen_rows.take([0, 2, 3, 4]), changed]), manifest / "part-0.parquet")
     assert read_seen([str(manifest)], (inputs["uri"][2].as_py(), inputs["uri"][4].as_py())).num_rows == 2
+    (tmp_path / "manifest" / "run_id=nothing-new").mkdir()  # a night that scored nothing wrote no part
+    assert read_seen([str(tmp_path / "manifest" / "run_id=nothing-new")]).num_rows == 0
     night = stage_listing(str(root), str(tmp_path / "parts2"), [str(manifest)], max_bytes=MAX_BYTES)
     new = new_or_changed(inputs, read_seen([str(manifest)]))
     assert night.listed == len(inputs) and night.kept == new.num_rows == len(inputs) - 4

@@ -71,16 +71,20 @@ def _local_entries(root: str, start: str | None = None, recursive: bool = True) 
     root_stat = os.stat(root)
     ancestors = frozenset({(root_stat.st_dev, root_stat.st_ino)})
     if start is not None and start != root:
-        try:
-            start_stat = os.stat(start)
-        except OSError:
-            yield start, UNREADABLE, 0, 0
-            return
-        key = (start_stat.st_dev, start_stat.st_ino)
-        if key in ancestors:
-            yield start, SYMLINK_LOOP, 0, 0
-            return
-        ancestors |= {key}
+        # every folder from the root down to ``start`` is an ancestor, as in a walk from the root
+        path = root
+        for name in os.path.relpath(start, root).split(os.sep):
+            path = os.path.join(path, name)
+            try:
+                info = os.stat(path)
+            except OSError:
+                yield start, UNREADABLE, 0, 0
+                return
+            key = (info.st_dev, info.st_ino)
+            if key in ancestors:
+                yield start, SYMLINK_LOOP, 0, 0
+                return
+            ancestors |= {key}
     pending = [(start or root, ancestors)]
     while pending:
         directory, ancestors = pending.pop()

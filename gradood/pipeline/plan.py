@@ -1,11 +1,12 @@
 """Listing a folder corpus in Ray tasks, so the driver holds no per-file state.
 
-One task scans the corpus root without descending; one task per sub-folder of the root walks it. Each
-task classifies what it finds as :func:`gradood.data.listing.scan` does, keeps the image files (on an
-incremental night: only those no published run has scored, read from the manifests by uri range) and
-writes them as one listing part, which is also that part of the night's manifest. The driver gets back
-counts and digests and orders the parts as the files sort (see :func:`~gradood.data.listing.
-folder_sort_key`), so rows, ids and row indices are those of :func:`gradood.data.sources.open_source`.
+Tasks list the corpus tree a level at a time (a folder's own files, and its sub-folders) until enough
+folders are in hand, then one task walks each of those folders whole. Each task classifies what it finds
+as :func:`gradood.data.listing.scan` does, keeps the image files (on an incremental night: only those no
+published run has scored, read from the manifests by uri range) and writes them as one listing part,
+which is also that part of the night's manifest. The driver gets back counts and digests and orders the
+parts as the files sort (see :func:`~gradood.data.listing.folder_sort_key`), so rows, ids and row
+indices are those of :func:`gradood.data.sources.open_source`.
 
 A corpus that turns out to hold Parquet files rather than images (its files are few and large) is left
 to :func:`~gradood.data.sources.open_source`, which plans it from its footers.
@@ -14,8 +15,9 @@ to :func:`~gradood.data.sources.open_source`, which plans it from its footers.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +32,11 @@ from gradood.pipeline.publish import new_or_changed, read_seen
 
 #: listing is mostly waiting on the filesystem: several tasks share a CPU
 LISTING_CPUS = 0.25
+#: folders are listed a level at a time until this many are in hand, so that a lake under a single
+#: year folder still spreads over several tasks ...
+SPREAD_FOLDERS = 64
+#: ... or this many levels down
+SPREAD_LEVELS = 3
 
 
 @dataclass
@@ -62,24 +69,76 @@ def _part(uri: str, files: list[tuple[str, int, int]], part_uri: str, seen: list
 
 
 @ray.remote(num_cpus=LISTING_CPUS)
-def _list_root(uri: str, parts_uri: str, seen: list[str]) -> dict[str, Any]:
-    """The root's own files, as one part per run of files between two sub-folders, and its sub-folders."""
-    found = scan(uri, recursive=False)
-    keys = [folder_sort_key(folder) for folder in found.folders]
+def _list_level(uri: str, folder: str | None, part_prefix: str, seen: list[str]) -> dict[str, Any]:
+    """A folder's own files (the root's for None), as one part per run of files between two of its
+    sub-folders, and its sub-folders, left to other tasks."""
+    found = scan(uri, start=folder, recursive=False)
+    keys = [folder_sort_key(sub) for sub in found.folders]
     gaps: dict[int, list[tuple[str, int, int]]] = {}
     for entry in found.files:
         gaps.setdefault(bisect.bisect(keys, entry[0]), []).append(entry)
-    parts = {
-        gap: _part(uri, files, storage.join(parts_uri, f"part-{gap:06d}-a.parquet"), seen)
-        for gap, files in gaps.items()
-    }
+    parts = {gap: _part(uri, files, f"{part_prefix}-{gap:06d}.parquet", seen) for gap, files in gaps.items()}
     return {"folders": found.folders, "parts": parts, "skipped": found.skipped}
 
 
 @ray.remote(num_cpus=LISTING_CPUS)
 def _list_folder(uri: str, folder: str, part_uri: str, seen: list[str]) -> dict[str, Any]:
+    """Everything under a folder, as one part."""
     found = scan(uri, start=folder)
     return {**_part(uri, found.files, part_uri, seen), "skipped": found.skipped}
+
+
+@dataclass
+class _Folder:
+    """A folder of the corpus tree: listed one level (``level``) or walked whole (``walked``)."""
+
+    path: str | None
+    level: dict[str, Any] | None = None
+    children: list[_Folder] = field(default_factory=list)
+    walked: dict[str, Any] | None = None
+
+    def ordered(self) -> list[dict[str, Any]]:
+        """Its parts in listing order: each run of its own files before the sub-folder it sorts before."""
+        if self.walked is not None:
+            return [self.walked]
+        out = []
+        for gap in range(len(self.children) + 1):
+            if gap in self.level["parts"]:
+                out.append(self.level["parts"][gap])
+            if gap < len(self.children):
+                out += self.children[gap].ordered()
+        return out
+
+    def skipped(self) -> Counter[str]:
+        own = (self.walked or self.level)["skipped"]
+        return sum((child.skipped() for child in self.children), Counter(own))
+
+
+def _list_tree(uri: str, parts_uri: str, seen: list[str]) -> _Folder:
+    """Folders are listed a level at a time until SPREAD_FOLDERS are in hand (or SPREAD_LEVELS down), then
+    each is walked by one task; the split depends on the tree alone, not on the cluster."""
+    names = (storage.join(parts_uri, f"part-{k:06d}") for k in itertools.count())
+    root = _Folder(None)
+    frontier, walk = [root], []
+    for _ in range(SPREAD_LEVELS):
+        levels = ray.get([_list_level.remote(uri, f.path, next(names), seen) for f in frontier])
+        for folder, level in zip(frontier, levels, strict=True):
+            folder.level, folder.children = level, [_Folder(path) for path in level["folders"]]
+        children = [child for folder in frontier for child in folder.children]
+        # hidden folders hold no inputs (what is in them is only counted): walked, never spread
+        walk += [child for child in children if _hidden(child.path)]
+        frontier = [child for child in children if not _hidden(child.path)]
+        if len(frontier) >= SPREAD_FOLDERS:
+            break
+    walk += frontier
+    walks = ray.get([_list_folder.remote(uri, f.path, f"{next(names)}.parquet", seen) for f in walk])
+    for folder, walked in zip(walk, walks, strict=True):
+        folder.walked = walked
+    return root
+
+
+def _hidden(path: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith(".")
 
 
 def stage_listing(uri: str, parts_uri: str, seen: list[str], **source_args: Any) -> StagedListing | None:
@@ -89,23 +148,9 @@ def stage_listing(uri: str, parts_uri: str, seen: list[str], **source_args: Any)
         return None
     storage.delete_dir(parts_uri)
     storage.makedirs(parts_uri)
-    root = ray.get(_list_root.remote(uri, parts_uri, seen))
-    folders = root["folders"]
-    results = ray.get(
-        [
-            _list_folder.remote(uri, folder, storage.join(parts_uri, f"part-{g:06d}-b.parquet"), seen)
-            for g, folder in enumerate(folders)
-        ]
-    )
-    ordered = []
-    for gap in range(len(folders) + 1):
-        if gap in root["parts"]:
-            ordered.append(root["parts"][gap])
-        if gap < len(folders):
-            ordered.append(results[gap])
-    skipped = Counter(root["skipped"])
-    for result in results:
-        skipped.update(result["skipped"])
+    tree = _list_tree(uri, parts_uri, seen)
+    ordered = tree.ordered()
+    skipped = tree.skipped()
     listed = sum(r["listed"] for r in ordered)
     parquet = sum(r["parquet"] for r in ordered)
     if parquet:

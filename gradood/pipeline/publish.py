@@ -123,7 +123,9 @@ def read_seen(manifests: list[str], uri_range: tuple[str, str] | None = None) ->
     tables = []
     for uri in manifests:
         fs, path = storage.filesystem(uri)
-        rows = pads.dataset(path, filesystem=fs, format="parquet")
+        # the schema: legacy files carry run_id, listing parts path, and a night that found nothing new
+        # leaves a folder without files
+        rows = pads.dataset(path, filesystem=fs, format="parquet", schema=MANIFEST_SCHEMA)
         where = None
         if uri_range is not None:
             where = (pads.field("uri") >= uri_range[0]) & (pads.field("uri") <= uri_range[1])

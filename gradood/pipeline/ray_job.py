@@ -26,6 +26,7 @@ from gradood.pipeline.extract import init_ray, log, run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
 from gradood.pipeline.plan import stage_listing
 from gradood.pipeline.publish import (
+    clear_manifest,
     default_run_id,
     manifest_uri,
     new_or_changed,
@@ -78,6 +79,7 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
             f"(it compares files by size and modification time), got {cfg.corpus.uri}"
         )
     seen = seen_manifests(out, run_id) if incremental else []
+    clear_manifest(out, run_id)  # a rerun's manifest is written anew, whichever layout the last one had
     limits = {"max_pixels": cfg.corpus.max_pixels, "max_bytes": cfg.corpus.max_bytes}
     staged = None
     if not not_files and cfg.corpus.image_column is None:

@@ -55,8 +55,7 @@ def listing_digest(table: pa.Table) -> str:
 
 def write_listing_part(table: pa.Table, uri: str) -> ListingPart:
     table = table.cast(LISTING_SCHEMA)
-    fs, path = storage.filesystem(uri)
-    pq.write_table(table, path, filesystem=fs, row_group_size=LISTING_ROW_GROUP)
+    storage.write_parquet(table, uri, row_group_size=LISTING_ROW_GROUP)
     return ListingPart(uri, table.num_rows, listing_digest(table))
 
 

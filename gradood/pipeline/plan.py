@@ -147,7 +147,6 @@ def stage_listing(uri: str, parts_uri: str, seen: list[str], **source_args: Any)
     if root_file(uri) is not None:
         return None
     storage.delete_dir(parts_uri)
-    storage.makedirs(parts_uri)
     tree = _list_tree(uri, parts_uri, seen)
     ordered = tree.ordered()
     skipped = tree.skipped()

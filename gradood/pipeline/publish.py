@@ -95,7 +95,6 @@ def clear_manifest(out: str, run_id: str) -> None:
 
 
 def write_manifest(out: str, run_id: str, inputs: pa.Table) -> None:
-    clear_manifest(out, run_id)
     part = storage.join(manifest_uri(out, run_id), "part-0.parquet")
     storage.write_parquet(inputs.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA), part)
 

@@ -72,8 +72,8 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
         corpus_uri = storage.join(out, "demo_corpus")
         build_demo_corpus(corpus_uri, rows_per_source=cfg.corpus.demo_rows_per_source, seed=cfg.seed)
     incremental = cfg.run.incremental
-    not_files = urlsplit(corpus_uri).scheme == TORCHVISION_SCHEME
-    if incremental and (not_files or cfg.corpus.limit is not None):
+    torchvision = urlsplit(corpus_uri).scheme == TORCHVISION_SCHEME
+    if incremental and (torchvision or cfg.corpus.limit is not None):
         raise ValueError(
             "run.incremental=true needs a folder or Parquet corpus without corpus.limit "
             f"(it compares files by size and modification time), got {cfg.corpus.uri}"
@@ -82,7 +82,7 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
     clear_manifest(out, run_id)  # a rerun's manifest is written anew, whichever layout the last one had
     limits = {"max_pixels": cfg.corpus.max_pixels, "max_bytes": cfg.corpus.max_bytes}
     staged = None
-    if not not_files and cfg.corpus.image_column is None:
+    if not torchvision and cfg.corpus.image_column is None:
         staged = stage_listing(corpus_uri, manifest_uri(out, run_id), seen, limit=cfg.corpus.limit, **limits)
     if staged is not None:
         listed, kept = staged.listed, staged.kept

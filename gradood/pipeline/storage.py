@@ -125,9 +125,9 @@ def read_json(location: str) -> Any:
     return json.loads(read_text(location))
 
 
-def write_parquet(table: pa.Table, location: str) -> None:
+def write_parquet(table: pa.Table, location: str, row_group_size: int | None = None) -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     write_bytes(location, sink.getvalue().to_pybytes())
 
 

@@ -35,20 +35,29 @@ RULES = {
 TOLERANCE = 0.01
 
 
-def family_tails(out: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every test's smooth log-tail per feature row of one grid run (its latest published night), and
-    each row's source."""
+def load_run(out: Path) -> tuple[DetectorSuite, dict, ScoreCorpusConfig, str]:
+    """The fitted suite, detector record, config and night folder of one grid run's latest night."""
     published = published_runs(str(out))
     if not published:
         raise SystemExit(f"{out}: no published run")
     run_uri = run_dir(str(out), published[-1])
     cfg = load_config(ScoreCorpusConfig, [storage.join(run_uri, "run.yaml")])
     detector = storage.read_json(storage.absolute(cfg.output.detector_uri or str(out / "detector.json")))
-    suite = DetectorSuite.from_dict(detector["suite"])
+    return DetectorSuite.from_dict(detector["suite"]), detector, cfg, run_uri
+
+
+def suite_tails(suite: DetectorSuite, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every test's smooth log-tail (log p~, the combinations' inputs) of the feature rows ``x``."""
+    return {t: suite.calibrators_[t].log_tail(suite._test_scores(t, x)) for t in suite.tests_}
+
+
+def family_tails(out: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every test's smooth log-tail per feature row of one grid run (its latest published night), and
+    each row's source."""
+    suite, detector, cfg, run_uri = load_run(out)
     features = storage.read_parquet(storage.join(run_uri, "features")).sort_by("row_index")
     x = feature_matrix(features, detector["layers"], cfg.fit.min_sqnorm)
-    tails = {t: suite.calibrators_[t].log_tail(suite._test_scores(t, x)) for t in suite.tests_}
-    return tails, np.array([demo_source_of(i) for i in features.column("id").to_pylist()])
+    return suite_tails(suite, x), np.array([demo_source_of(i) for i in features.column("id").to_pylist()])
 
 
 def aurocs(statistic: np.ndarray, source: np.ndarray) -> dict[str, float]:

@@ -94,8 +94,12 @@ class DetectConfig:
     components: list[TestName] = field(
         default_factory=lambda: [TestName.paper, TestName.fullcov, TestName.typicality]
     )
-    #: fisher: -2 sum_k log p_k; tippett: -min_k log p_k (both calibrated on held-out rows)
-    combination: Combination = Combination.fisher
+    #: fisher: -2 sum_k log p_k; tippett: -min_k log p_k (both calibrated on held-out rows); adaptive:
+    #: Fisher over the components' Fisher statistic and a classifier of all tests learned from the night
+    combination: Combination = Combination.adaptive
+    #: adaptive: at most this many rows of the night and calibration part 2 train the night's
+    #: classifier (each row with the same chance, by a hash of (seed, row id))
+    adaptive_rows: int = 20000
 
 
 @dataclass

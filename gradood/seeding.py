@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where noise is drawn, so gradood.stats stays free of it
+    import torch
 
 
 def row_seed(seed: int, row_id: str, stream: str = "") -> int:
@@ -30,9 +32,13 @@ class NoiseSpec:
 
 
 def draw_noise(
-    specs: dict[str, NoiseSpec], row_ids: Sequence[str], seed: int, dtype: torch.dtype = torch.float32
+    specs: dict[str, NoiseSpec], row_ids: Sequence[str], seed: int, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Noise tensors ``[len(row_ids), *spec.shape]``, row i drawn from a generator seeded by (seed, id_i)."""
+    """Noise tensors ``[len(row_ids), *spec.shape]`` (float32 unless ``dtype``), row i drawn from a
+    generator seeded by (seed, id_i)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     out: dict[str, torch.Tensor] = {}
     for name, spec in sorted(specs.items()):
         rows = []

@@ -78,15 +78,21 @@ def reference_scores(
         first = [int(np.flatnonzero(g == k)[0]) for k in range(g.max() + 1)]
         ids = [rows.ids[i] if group_size == 1 else group_id(int(global_groups[i])) for i in first]
         matrix = np.column_stack([log_features(res.sqnorms, 1e-30), log_prob])
-        return ids, matrix, res.layer_names
+        return ids, matrix, res.layer_names, np.bincount(g)
 
-    fit_ids, fit_x, names = features(fit_uri, fit_size)
+    fit_ids, fit_x, names, _ = features(fit_uri, fit_size)
     part = split_of(row_uniforms(seed, fit_ids, SPLIT_STREAM), calibration_fraction)
-    suite = DetectorSuite(calibration_fraction=calibration_fraction).fit_parts(
-        Moments.from_values(fit_x[part == 0]), fit_x[part == 1], fit_x[part == 2], [*names, "log_prob"]
+    suite = DetectorSuite(calibration_fraction=calibration_fraction, combination="adaptive").fit_parts(
+        Moments.from_values(fit_x[part == 0]),
+        fit_x[part == 1],
+        fit_x[part == 2],
+        [*names, "log_prob"],
+        [i for i, k in zip(fit_ids, part, strict=True) if k == 2],
     )
-    ids, x, _ = features(corpus_uri, None)
-    results = suite.score_all(x)
+    ids, x, _, sizes = features(corpus_uri, None)
+    # the night's adaptive test, trained on every complete row (a small night: the rate is 1)
+    night = suite.night(suite.tails(x[sizes == group_size]), 1.0, seed)
+    results = suite.score_all(x, night)
     out = {}
     for k, row_id in enumerate(ids):
         out[row_id] = {

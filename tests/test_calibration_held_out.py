@@ -2,7 +2,9 @@
 
 The shipped Glow (trained on the train split) is fitted and calibrated on test rows 5000-9999 and scores
 test rows 0-4999, which neither the model nor the detector has seen: the share of rows with p <= alpha
-must be alpha up to sampling error (+-0.02), for every single test and for the combined test.
+must be alpha up to sampling error (+-0.02), for every single test and for the combined test. The
+night's adaptive test, trained on a subsample of the night (``detect.adaptive_rows``), is the one an
+in-process fit on the same rows gives.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import pytest
 
 from gradood.config import CONF_DIR, ScoreCorpusConfig, load_config
 from gradood.pipeline import ray_job, storage
-from gradood.stats import TestName
+from gradood.pipeline.tables import feature_matrix
+from gradood.stats import DetectorSuite, TestName
+from gradood.stats.adaptive import training_mask, training_rate
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +32,7 @@ def test_held_out_in_distribution_p_values_are_calibrated(local_ray, tmp_path):
             "fit.size=5000",
             f"output.uri={tmp_path / 'out'}",
             "extract.shard_size=1024",
+            "detect.adaptive_rows=3000",
         ],
     )
     summary = ray_job.run_score_corpus(cfg)
@@ -40,3 +45,20 @@ def test_held_out_in_distribution_p_values_are_calibrated(local_ray, tmp_path):
             assert abs(np.mean(p <= alpha) - alpha) <= 0.02, (test, alpha, np.mean(p <= alpha))
     # on in-distribution data BH at 5 % flags (almost) nothing: every flag would be a false discovery
     assert summary["flagged"] <= 0.05 * 5000 * 0.05
+
+    # the night's adaptive test: a subsample of part 2 and the night, picked by row id, trained it
+    detector = storage.read_json(storage.join(cfg.output.uri, "detector.json"))
+    suite = DetectorSuite.from_dict(detector["suite"])
+    features = storage.read_parquet(storage.join(summary["output"], "features")).sort_by("row_index")
+    tails = suite.tails(feature_matrix(features, detector["layers"], cfg.fit.min_sqnorm))
+    rate = training_rate(3000, 5000 + suite.n_calibration_[1])
+    night = suite.night(tails[training_mask(0, features.column("id").to_pylist(), rate)], rate, 0)
+    assert summary["adaptive_training_rows"] == night.training_rows_
+    assert 0.4 * 5000 < night.training_rows_["night"] < 0.7 * 5000
+    assert np.unique(night.model_.decision_function(tails)).size > 10  # it did learn a function
+    by_id = {r["id"]: r for r in scores.select(["id", "ood_score", "p_value"]).to_pylist()}
+    statistic = night.statistic(tails)
+    p_value = night.calibrator_.p_value(statistic)
+    for k, row_id in enumerate(features.column("id").to_pylist()):
+        assert by_id[row_id]["ood_score"] == pytest.approx(statistic[k], rel=1e-12)
+        assert by_id[row_id]["p_value"] == p_value[k]

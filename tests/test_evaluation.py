@@ -37,7 +37,7 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
 
     metrics = pq.read_table(out / "metrics.parquet").to_pandas()
     detectors = {"combined", "paper", "fullcov", "fisher_layers", "gradnorm", "typicality", "nll"}
-    detectors |= {"combined_tippett", "combined_all", "bergamin"}
+    detectors |= {"combined_fisher", "combined_tippett", "combined_all", "bergamin"}
     assert set(metrics["detector"]) == detectors
     assert set(metrics["source"]) == {"digits", "fashion_mnist_vflip", "glyphs", "mnist"}
     assert len(metrics) == 2 * 4 * len(detectors)  # group sizes x sources x detectors
@@ -81,6 +81,22 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     )
     combinations = {(r["rule"], tuple(r["tests"])): r for r in json.loads(study.read_text())["combinations"]}
     b1 = metrics[metrics["group_size"] == 1].set_index(["detector", "source"])["auroc"]
-    for detector, rule in (("combined", "fisher"), ("combined_tippett", "tippett")):
+    for detector, rule in (("combined_fisher", "fisher"), ("combined_tippett", "tippett")):
         found = combinations[(rule, ("paper", "fullcov", "typicality"))]["auroc"]["glow"]
         assert found == pytest.approx({s: b1[(detector, s)] for s in found}, abs=1e-12)
+
+    # the adaptive-combination study recomputes the job's adaptive test in-process (the grid's night is
+    # below detect.adaptive_rows, so every row trained it) and the fixed one
+    study = tmp_path / "adaptive.json"
+    script = script.with_name("adaptive_combination.py")
+    subprocess.run(
+        [sys.executable, str(script), "--grid", str(out), "--out", str(study), "--shares", "5"],
+        check=True,
+        timeout=300,
+    )
+    adaptive = json.loads(study.read_text())
+    (grid_night,) = adaptive["nights"]["glow"]["grid"]
+    for rule, detector in (("fixed", "combined_fisher"), ("adaptive", "combined")):
+        assert grid_night[rule] == pytest.approx({s: b1[(detector, s)] for s in grid_night[rule]}, abs=1e-12)
+    assert set(adaptive["nights"]["glow"]) == {"grid", "one_source", "k=5"}
+    assert len(adaptive["nights"]["glow"]["k=5"]) == 4  # one night per OOD source

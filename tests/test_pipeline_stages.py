@@ -12,9 +12,9 @@ from gradood.features import extract_features
 from gradood.models.checkpoint import WEIGHTS_FILE, load_checkpoint, read_checkpoint_meta
 from gradood.pipeline import storage
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
+from gradood.pipeline.scoring import Scorer
 from gradood.pipeline.stages import (
     ExtractSettings,
-    Scorer,
     ShardFeatures,
     ShardFeatureWriter,
     compute_features,

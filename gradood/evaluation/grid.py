@@ -151,6 +151,7 @@ def detector_scores(
     names = suite_feature_names(layers)
     components = tuple(c.value for c in run_cfg.detect.components)
     variants = {
+        "combined_fisher": {"components": components, "combination": "fisher"},
         "combined_tippett": {"components": components, "combination": "tippett"},
         "combined_all": {"components": tuple(t.value for t in TestName), "combination": "fisher"},
     }

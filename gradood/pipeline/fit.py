@@ -25,7 +25,7 @@ from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, suite_feature_
 from gradood.stats.moments import Moments
 from gradood.stats.suite import DetectorSuite
 
-DETECTOR_FORMAT = 2
+DETECTOR_FORMAT = 3
 
 
 def fit_settings(cfg: ScoreCorpusConfig) -> dict[str, Any]:
@@ -49,7 +49,8 @@ def check_detector(detector: dict[str, Any], fingerprint: str, group_size: int, 
     if detector.get("format_version") != DETECTOR_FORMAT:
         raise ValueError(
             f"detector {where} has format_version {detector.get('format_version')!r}, this gradood reads "
-            f"format_version {DETECTOR_FORMAT} (calibrated tests): refit it with fit.refit=true"
+            f"format_version {DETECTOR_FORMAT} (calibrated tests and their calibration tails): refit it "
+            "with fit.refit=true"
         )
     if detector.get("model_fingerprint") != fingerprint:
         raise ValueError(
@@ -128,7 +129,13 @@ def fit_detector(
         min_std=cfg.fit.min_std,
         calibration_fraction=cfg.fit.calibration_fraction,
         random_state=cfg.seed,
-    ).fit_parts(moments, x[part == 1], x[part == 2], suite_feature_names(layer_names))
+    ).fit_parts(
+        moments,
+        x[part == 1],
+        x[part == 2],
+        suite_feature_names(layer_names),
+        [str(i) for i, k in zip(calibration.column("id").to_pylist(), part, strict=True) if k == 2],
+    )
     paper = suite.tests_["paper"]
     dropped = [n for n, kept in zip(layer_names, np.asarray(paper.kept_, bool), strict=True) if not kept]
     log(

@@ -165,6 +165,8 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "resumed_shards": corpus.resumed_shards,
         "group_size": ex.group_size,
         "detector": cfg.detect.detector.value,
+        "combination": cfg.detect.combination.value,
+        "adaptive_training_rows": scores.adaptive_training_rows,
         "flagged": scores.flagged,
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,

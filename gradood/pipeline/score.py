@@ -5,6 +5,8 @@ person should look at, with the expected share of in-distribution rows among the
 The rows never gather on the driver: Ray Data scores and sorts them across the cluster, and the two
 passes of :mod:`gradood.pipeline.ranking` run as tasks where the sorted blocks are. The driver sees one
 small summary per block (counts, a histogram of p-value indices, the drift test's part) and the top rows.
+An adaptive combination first takes one pass for the night's training rows (at most
+``detect.adaptive_rows``, each row with the same chance) and fits the night's test on the driver.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from gradood.pipeline.ranking import (
     merge_histograms,
     merge_stats,
 )
-from gradood.pipeline.stages import Scorer
+from gradood.pipeline.scoring import Scorer, TailSampler
+from gradood.stats.adaptive import AdaptiveNight, training_rate
+from gradood.stats.conformal import Combination
 from gradood.stats.drift import RankSumDrift
+from gradood.stats.suite import DetectorSuite
 
 SCORE_CONVENTION = (
     "ood_score: the chosen test's statistic, higher = more OOD, rank 1 = most OOD; p_value: conformal "
@@ -40,15 +45,17 @@ SCORE_CONVENTION = (
 )
 
 
-def calibration_scores(detector: dict[str, Any], test: str) -> np.ndarray:
+def calibration_scores(detector: dict[str, Any], test: str, night: AdaptiveNight | None) -> np.ndarray:
     """The held-out scores behind ``test``'s p-values (the drift test's reference sample as well)."""
+    if test == "combined" and night is not None:
+        return night.calibrator_.scores
     suite = detector["suite"]
     entry = suite["combined_calibration"] if test == "combined" else suite["calibration"][test]
     return np.asarray(entry["scores"], np.float64)
 
 
 def calibration_size(detector: dict[str, Any], test: str) -> int:
-    return len(calibration_scores(detector, test))
+    return len(calibration_scores(detector, test, None))
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,8 @@ class RunScores:
     histograms: dict[str, FolderHistogram]
     score_edges: np.ndarray | None
     drift: dict[str, Any]
+    #: rows that trained the night's adaptive test (reference, part 2, night); None for a fixed one
+    adaptive_training_rows: dict[str, int] | None
 
 
 @ray.remote
@@ -92,17 +101,19 @@ def score_run(
     order under ``scores_uri``, each written by the worker holding its block."""
     test = cfg.detect.detector.value
     n_calibration = calibration_size(detector, test)
-    drift = RankSumDrift(calibration_scores(detector, test))
     storage.delete_dir_contents(scores_uri)
     files = storage.list_files(features_uri)
+    night = fit_night(files, detector, cfg)
+    drift = RankSumDrift(calibration_scores(detector, test, night))
     blocks = []
     if files:  # none: an incremental night with nothing new
+        kwargs = {"detector": detector, "test": test, "group_size": cfg.extract.group_size, "night": night}
         ds = ray.data.read_parquet(files).map_batches(
             Scorer,
             batch_size=4096,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
-            fn_constructor_kwargs={"detector": detector, "test": test, "group_size": cfg.extract.group_size},
+            fn_constructor_kwargs=kwargs,
             num_cpus=cfg.extract.cpus_per_worker,
         )
         # materialised first, so the sort knows its input blocks (one per feature file, roughly) and
@@ -128,7 +139,7 @@ def score_run(
         ]
     )  # fmt: skip
     if not finished:  # every input was rejected, or nothing was new: an empty, well-formed scores file
-        table = empty_scores(detector, cfg)
+        table = empty_scores(detector, cfg, night)
         storage.write_parquet(
             table.replace_schema_metadata({b"gradood": encoded_meta}),
             storage.join(scores_uri, "part-000000.parquet"),
@@ -142,10 +153,43 @@ def score_run(
         histograms=merge_histograms(finished),
         score_edges=run.score_edges,
         drift=run.drift,
+        adaptive_training_rows=None if night is None else night.training_rows_,
     )
 
 
-def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:
+def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig) -> AdaptiveNight | None:
+    """The night's adaptive test (None for a fixed combination): one pass over the feature files keeps
+    the training rows (a uniform of (seed, row id) below the rate that leaves at most
+    ``detect.adaptive_rows`` of part 2 and the night), which train it on the driver in row order."""
+    suite = DetectorSuite.from_dict(detector["suite"])
+    if Combination(suite.combination) is not Combination.adaptive:
+        return None
+    night_rows = storage.parquet_rows(files)
+    rate = training_rate(cfg.detect.adaptive_rows, night_rows + suite.n_calibration_[1])
+    k = len(suite.tests_)
+    tails, row_index = np.zeros((0, k)), np.zeros(0, np.int64)
+    if files:
+        sampled = ray.data.read_parquet(files).map_batches(
+            TailSampler,
+            batch_size=4096,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
+            fn_constructor_kwargs={
+                "detector": detector,
+                "group_size": cfg.extract.group_size,
+                "rate": rate,
+                "seed": cfg.seed,
+            },
+            num_cpus=cfg.extract.cpus_per_worker,
+        )
+        batches = list(sampled.iter_batches(batch_size=None, batch_format="numpy"))
+        if batches:
+            tails = np.vstack([np.asarray(b["tails"], np.float64).reshape(-1, k) for b in batches])
+            row_index = np.concatenate([np.asarray(b["row_index"], np.int64) for b in batches])
+    return suite.night(tails[np.argsort(row_index, kind="stable")], rate, cfg.seed)
+
+
+def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig, night: AdaptiveNight | None) -> pa.Table:
     """The scores schema with no rows (what a night whose every input was rejected publishes)."""
     from gradood.pipeline.tables import feature_table
 
@@ -153,14 +197,14 @@ def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig) -> pa.Table:
     empty = feature_table([], [], [], [], np.zeros((0, len(layers))), layers, {})
     columns = {c: empty.column(c).to_numpy() for c in empty.column_names}
     test = cfg.detect.detector.value
-    scored = pa.table(Scorer(detector, test, cfg.extract.group_size)(columns))
+    scored = pa.table(Scorer(detector, test, cfg.extract.group_size, night=night)(columns))
     types = {"id": pa.string(), "driver": pa.string(), "top_layers": pa.list_(pa.string())}
     types["top_z"] = pa.list_(pa.float64())
     scored = pa.table(
         {c: scored.column(c).cast(types.get(c, scored.schema.field(c).type)) for c in scored.column_names}
     )
     n_calibration = calibration_size(detector, test)
-    drift = RankSumDrift(calibration_scores(detector, test))
+    drift = RankSumDrift(calibration_scores(detector, test, night))
     run = merge_stats([], n_calibration, cfg.flag.method, drift)
     table, _ = finish_block(
         scored, 1, run, n_calibration=n_calibration, fdr=cfg.flag.fdr, corpus_uri="", top_k=0

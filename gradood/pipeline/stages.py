@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -28,12 +27,11 @@ from gradood.pipeline.tables import (
     error_table,
     feature_matrix,
     feature_table,
-    suite_feature_names,
     table_metadata,
 )
 from gradood.seeding import draw_noise, row_uniforms
 from gradood.stats.moments import Moments
-from gradood.stats.suite import DetectorSuite, split_of
+from gradood.stats.suite import split_of
 
 #: the stream of the per-row uniform that assigns held-out rows to fit / calibration parts
 SPLIT_STREAM = "calibration-split"
@@ -334,50 +332,3 @@ def object_column(values: list) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
-
-
-class Scorer:
-    """Ray Data stage: feature rows in; every test's score and p-value, the chosen test's, the 3 most
-    deviant layers and the component that drove the combined p-value out (flags need the whole run)."""
-
-    def __init__(self, detector: dict[str, Any], test: str, group_size: int = 1, top_k: int = 3) -> None:
-        self.group_size = group_size
-        self.suite = DetectorSuite.from_dict(detector["suite"])
-        self.layers = list(detector["layers"])
-        self.min_sqnorm = float(detector["fit"]["min_sqnorm"])
-        self.columns = suite_feature_names(self.layers)
-        self.test = test
-        self.top_k = top_k
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = pd.DataFrame(
-            feature_matrix(batch, self.layers, self.min_sqnorm), columns=self.columns, copy=False
-        )
-        results = self.suite.score_all(x)
-        names, z = self.suite.top_layers(x, k=self.top_k)
-        chosen = results[self.test]
-        out = {
-            "id": np.asarray(batch["id"]),
-            "ood_score": chosen["score"],
-            "p_value": chosen["p_index"] / (self.suite.calibration_size(self.test) + 1),
-            "driver": results["driver"] if self.test == "combined" else np.full(len(x), self.test, object),
-            "log_prob": np.asarray(batch["log_prob"], np.float64),
-            "n_rows": np.asarray(batch["n_rows"]),
-            # a set that lost members is scored for reference, but gets no p-value or flag
-            "complete_set": np.asarray(batch["n_rows"]) == self.group_size,
-            "row_index": np.asarray(batch["row_index"]),
-            "top_layers": list_column([list(n) for n in names]),
-            "top_z": list_column([list(map(float, r)) for r in z]),
-        }
-        for name in self.suite.tests_:
-            out[f"score:{name}"] = results[name]["score"]
-            out[f"p_value:{name}"] = results[name]["p_index"] / (self.suite.calibration_size(name) + 1)
-        if "member_ids" in batch:
-            out["member_ids"] = list_column([[str(m) for m in ms] for ms in batch["member_ids"]])
-        return out
-
-
-def list_column(rows: list[list]) -> np.ndarray:
-    """A 1-D object array of Python lists, which Ray Data turns into an Arrow list column (numpy would
-    build a 2-D array from equal-length rows, and arrays of arrays end up as pickled objects)."""
-    return object_column(rows)

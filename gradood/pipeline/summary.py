@@ -70,6 +70,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"flagged {summary['flagged']} of {summary['feature_rows']} rows at a false-discovery rate of "
         f"{summary['fdr']} ({summary['fdr_method']}, detector {summary['detector']})"
     )
+    trained = summary["adaptive_training_rows"]
+    if trained:
+        log(
+            f"adaptive combination: calibration part 1 ({trained['reference']} rows) against "
+            f"{trained['night']} of the night's rows and {trained['part_2']} of part 2"
+        )
     drift = summary["drift"]
     if drift["p_value"] is not None:
         log(

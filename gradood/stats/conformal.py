@@ -36,10 +36,15 @@ def _finite_1d(values: np.ndarray, what: str) -> np.ndarray:
 
 
 class Combination(StrEnum):
-    """How a combined test merges its components' (smooth) log p-values into one statistic."""
+    """How a combined test merges its components' (smooth) log p-values into one statistic.
+
+    ``adaptive`` learns from each night which tests see its OOD rows (:mod:`gradood.stats.adaptive`),
+    on top of Fisher's method over the components.
+    """
 
     fisher = "fisher"
     tippett = "tippett"
+    adaptive = "adaptive"
 
 
 def combine_log_p(log_p: np.ndarray, method: Combination) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +54,8 @@ def combine_log_p(log_p: np.ndarray, method: Combination) -> tuple[np.ndarray, n
     components are dependent: calibrate the statistic on rows that did not calibrate the components.
     """
     log_p = np.asarray(log_p, dtype=np.float64)
+    if Combination(method) is Combination.adaptive:
+        raise ValueError("the adaptive combination is fitted per night: see gradood.stats.adaptive")
     if Combination(method) is Combination.fisher:
         stat = -2.0 * log_p.sum(axis=1)
     else:

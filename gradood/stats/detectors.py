@@ -27,7 +27,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gradood.stats.moments import Moments, as_matrix, check_finite
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _LOG_2PI = math.log(2 * math.pi)
 

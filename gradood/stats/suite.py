@@ -11,6 +11,9 @@ The combined statistic T(x) (Fisher: -2 sum_k log p_k; Tippett: -min_k log p_k o
 tests' smooth tails) is a fixed function once the fit rows and part 1 are used, so its conformal p-value
 against part 2 is valid whatever the dependence between the component tests. That dependence is why
 Fisher's chi-square reference distribution cannot be used directly here.
+
+The adaptive combination is fitted per night (:meth:`DetectorSuite.night`) from every test's tails of
+both calibration parts, which the suite keeps (``calibration_tails_``), and of the night's rows.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from gradood.stats.adaptive import AdaptiveNight, CalibrationTails
 from gradood.stats.conformal import Combination, ConformalCalibrator, combine_log_p
 from gradood.stats.detectors import (
     FORMAT_VERSION,
@@ -52,6 +56,9 @@ class TestName(StrEnum):
     typicality = "typicality"
     nll = "nll"
 
+
+#: the columns of :meth:`DetectorSuite.tails` (and of the saved calibration tails)
+TAIL_ORDER = [t.value for t in TestName]
 
 #: which columns each test reads: the layers' log-norms, log p(x), or both
 _COLUMNS = {
@@ -112,22 +119,35 @@ class DetectorSuite(BaseEstimator):
                 f"need at least 2 rows in each of the fit and calibration parts, got {len(X)} rows"
             )
         names = getattr(self, "feature_names_in_", None)
-        return self._fit_parts(Moments.from_values(X[part == 0]), X[part == 1], X[part == 2], names)
+        ids = [str(i) for i in np.flatnonzero(part == 2)]
+        return self._fit_parts(Moments.from_values(X[part == 0]), X[part == 1], X[part == 2], names, ids)
 
     def fit_parts(
-        self, moments: Moments, calibration_1: np.ndarray, calibration_2: np.ndarray, feature_names: list[str]
+        self,
+        moments: Moments,
+        calibration_1: np.ndarray,
+        calibration_2: np.ndarray,
+        feature_names: list[str],
+        calibration_2_ids: list[str] | None = None,
     ) -> DetectorSuite:
-        """Fit from merged moments of the fit rows and the two calibration parts' feature rows."""
+        """Fit from merged moments of the fit rows and the two calibration parts' feature rows (part 2's
+        row ids pick its rows that train an adaptive night; positions when not given)."""
         if len(feature_names) != moments.num_features or feature_names[-1] != LOG_PROB_COLUMN:
             raise ValueError(
                 f"feature names must be the {moments.num_features} columns, {LOG_PROB_COLUMN} last"
             )
         self.n_features_in_ = moments.num_features
         self.feature_names_in_ = np.asarray(feature_names, dtype=object)
-        return self._fit_parts(moments, calibration_1, calibration_2, self.feature_names_in_)
+        ids = calibration_2_ids or [str(i) for i in range(len(calibration_2))]
+        return self._fit_parts(moments, calibration_1, calibration_2, self.feature_names_in_, ids)
 
     def _fit_parts(
-        self, moments: Moments, cal_1: np.ndarray, cal_2: np.ndarray, names: np.ndarray | None
+        self,
+        moments: Moments,
+        cal_1: np.ndarray,
+        cal_2: np.ndarray,
+        names: np.ndarray | None,
+        cal_2_ids: list[str],
     ) -> DetectorSuite:
         components = [TestName(c) for c in self.components]
         if not components:
@@ -137,6 +157,8 @@ class DetectorSuite(BaseEstimator):
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
         if min(len(cal_1), len(cal_2)) < 1:
             raise ValueError("both calibration parts need at least one row")
+        if len(cal_2_ids) != len(cal_2):
+            raise ValueError(f"{len(cal_2_ids)} ids for {len(cal_2)} rows of calibration part 2")
         d = moments.num_features
         self.tests_ = {}
         for name in TestName:
@@ -150,6 +172,9 @@ class DetectorSuite(BaseEstimator):
             name: ConformalCalibrator(self._test_scores(name, cal_1)) for name in self.tests_
         }
         self.combined_calibrator_ = ConformalCalibrator(self._combine(cal_2)[0])
+        self.calibration_tails_ = CalibrationTails(
+            TAIL_ORDER, self.tails(cal_1), self.tails(cal_2), [str(i) for i in cal_2_ids]
+        )
         self.n_fit_, self.n_calibration_ = moments.count, (len(cal_1), len(cal_2))
         return self
 
@@ -165,12 +190,29 @@ class DetectorSuite(BaseEstimator):
         # X was validated by the suite already; the single tests see plain column slices of it
         return self.tests_[name]._score(X[:, self._columns(TestName(name), X.shape[1])])
 
+    def tails(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """-log p~ of every test (columns in :data:`TAIL_ORDER`) for validated feature rows ``X``."""
+        return np.column_stack(
+            [-self.calibrators_[t].log_tail(self._test_scores(t, X)) for t in TAIL_ORDER]
+        ).reshape(len(X), len(TAIL_ORDER))
+
     def _combine(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
-        """Combined statistic and, per row, the index of the component with the smallest tail p."""
+        """Fixed combined statistic (Fisher's for an adaptive suite) and, per row, the index of the
+        component with the smallest tail p."""
         log_p = np.stack(
             [self.calibrators_[c].log_tail(self._test_scores(c, X)) for c in self.components], axis=1
         )
-        return combine_log_p(log_p, Combination(self.combination))
+        combination = Combination(self.combination)
+        if combination is Combination.adaptive:
+            combination = Combination.fisher
+        return combine_log_p(log_p, combination)
+
+    def night(self, night_tails: np.ndarray, rate: float, seed: int) -> AdaptiveNight:
+        """The adaptive combined test of one night, trained on ``night_tails`` (the tails of the night's
+        rows that :func:`gradood.stats.adaptive.training_mask` picked at ``rate``)."""
+        check_is_fitted(self)
+        columns = [TAIL_ORDER.index(c) for c in self.components]
+        return AdaptiveNight(self.calibration_tails_, columns).fit(night_tails, rate, seed)
 
     def _checked(self, X: Any) -> np.ndarray:  # noqa: N803
         check_is_fitted(self)
@@ -184,19 +226,34 @@ class DetectorSuite(BaseEstimator):
         return -self.ood_score(X)
 
     def p_value(self, X: Any) -> np.ndarray:  # noqa: N803
-        """Conformal p-value of the combined statistic against calibration part 2."""
+        """Conformal p-value of the fixed combined statistic against calibration part 2."""
         return self.combined_calibrator_.p_value(self.ood_score(X))
 
-    def score_all(self, X: Any) -> dict[str, Any]:  # noqa: N803
-        """Every test's score and p-value, the combination's, and the component that drove each row."""
+    def score_all(self, X: Any, night: AdaptiveNight | None = None) -> dict[str, Any]:  # noqa: N803
+        """Every test's score and p-value, the combination's, and the test that drove each row.
+
+        An adaptive suite's combination is the ``night``'s (:meth:`night`), and the driver the test (of all)
+        with the smallest tail p; a fixed one's driver is the component with the smallest tail p.
+        """
         X = self._checked(X)
+        adaptive = Combination(self.combination) is Combination.adaptive
+        if adaptive and night is None:
+            raise ValueError("an adaptive combination needs the night's test: DetectorSuite.night(...)")
+        if night is not None and not adaptive:
+            raise ValueError(f"a night's adaptive test was given to a {self.combination} combination")
         out: dict[str, Any] = {}
         for name in self.tests_:
             s = self._test_scores(name, X)
             out[name] = {"score": s, "p_index": self.calibrators_[name].p_index(s)}
-        stat, driver = self._combine(X)
-        out["combined"] = {"score": stat, "p_index": self.combined_calibrator_.p_index(stat)}
-        out["driver"] = np.asarray(self.components, dtype=object)[driver]
+        if night is None:
+            stat, driver = self._combine(X)
+            out["combined"] = {"score": stat, "p_index": self.combined_calibrator_.p_index(stat)}
+            out["driver"] = np.asarray(self.components, dtype=object)[driver]
+            return out
+        tails = self.tails(X)
+        stat = night.statistic(tails)
+        out["combined"] = {"score": stat, "p_index": night.calibrator_.p_index(stat)}
+        out["driver"] = np.asarray(TAIL_ORDER, dtype=object)[np.argmax(tails, axis=1)]
         return out
 
     def calibration_size(self, test: str) -> int:
@@ -232,6 +289,7 @@ class DetectorSuite(BaseEstimator):
             "tests": {name: t.to_dict() for name, t in self.tests_.items()},
             "calibration": {name: c.to_dict() for name, c in self.calibrators_.items()},
             "combined_calibration": self.combined_calibrator_.to_dict(),
+            "calibration_tails": self.calibration_tails_.to_dict(),
         }
 
     @classmethod
@@ -246,4 +304,8 @@ class DetectorSuite(BaseEstimator):
         suite.tests_ = {name: ood_test_from_dict(t) for name, t in d["tests"].items()}
         suite.calibrators_ = {name: ConformalCalibrator.from_dict(c) for name, c in d["calibration"].items()}
         suite.combined_calibrator_ = ConformalCalibrator.from_dict(d["combined_calibration"])
+        suite.calibration_tails_ = CalibrationTails.from_dict(d["calibration_tails"])
+        if suite.calibration_tails_.tests != TAIL_ORDER:
+            found = suite.calibration_tails_.tests
+            raise ValueError(f"calibration tails of tests {found}, expected {TAIL_ORDER}")
         return suite

@@ -158,35 +158,39 @@ def score_run(
 
 
 def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig) -> AdaptiveNight | None:
-    """The night's adaptive test (None for a fixed combination): one pass over the feature files keeps
-    the training rows (a uniform of (seed, row id) below the rate that leaves at most
-    ``detect.adaptive_rows`` of part 2 and the night), which train it on the driver in row order."""
+    """The night's adaptive test (None for a fixed combination), trained on the driver, in row order, on
+    the training rows: those whose uniform of (seed, row id) is below the rate that leaves at most
+    ``detect.adaptive_rows`` of part 2 and the night. A night that small is read here; a larger one is
+    sampled by a Ray Data pass, so only the training rows' tails reach the driver."""
     suite = DetectorSuite.from_dict(detector["suite"])
     if Combination(suite.combination) is not Combination.adaptive:
         return None
-    night_rows = storage.parquet_rows(files)
-    rate = training_rate(cfg.detect.adaptive_rows, night_rows + suite.n_calibration_[1])
-    k = len(suite.tests_)
-    tails, row_index = np.zeros((0, k)), np.zeros(0, np.int64)
-    if files:
+    rate = training_rate(cfg.detect.adaptive_rows, storage.parquet_rows(files) + suite.n_calibration_[1])
+    sampler = {"detector": detector, "group_size": cfg.extract.group_size, "rate": rate, "seed": cfg.seed}
+    if rate >= 1:
+        batches = [TailSampler(**sampler)(_numpy_columns(storage.read_parquet(f))) for f in files]
+    else:
         sampled = ray.data.read_parquet(files).map_batches(
             TailSampler,
             batch_size=4096,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
-            fn_constructor_kwargs={
-                "detector": detector,
-                "group_size": cfg.extract.group_size,
-                "rate": rate,
-                "seed": cfg.seed,
-            },
+            fn_constructor_kwargs=sampler,
             num_cpus=cfg.extract.cpus_per_worker,
         )
         batches = list(sampled.iter_batches(batch_size=None, batch_format="numpy"))
-        if batches:
-            tails = np.vstack([np.asarray(b["tails"], np.float64).reshape(-1, k) for b in batches])
-            row_index = np.concatenate([np.asarray(b["row_index"], np.int64) for b in batches])
+    k = len(suite.tests_)
+    tails = np.vstack(
+        [np.zeros((0, k))] + [np.asarray(b["tails"], np.float64).reshape(-1, k) for b in batches]
+    )
+    row_index = np.concatenate(
+        [np.zeros(0, np.int64)] + [np.asarray(b["row_index"], np.int64) for b in batches]
+    )
     return suite.night(tails[np.argsort(row_index, kind="stable")], rate, cfg.seed)
+
+
+def _numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
 def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig, night: AdaptiveNight | None) -> pa.Table:

@@ -101,6 +101,10 @@ class DetectConfig:
     #: classifier (each row with the same chance, by a hash of (seed, row id))
     adaptive_rows: int = 20000
 
+    def __post_init__(self) -> None:
+        if self.adaptive_rows < 1:
+            raise ValueError(f"detect.adaptive_rows must be at least 1, got {self.adaptive_rows}")
+
 
 @dataclass
 class FlagConfig:

@@ -28,6 +28,7 @@ def test_yaml_and_cli_merge():
         ("detect.combination=mean", ValidationError, "detect.combination"),
         ("detect.components=[paper,magic]", ValidationError, "detect.components"),
         ("flag.method=storey", ValidationError, "flag.method"),
+        ("detect.adaptive_rows=0", ValueError, "detect.adaptive_rows"),
     ],
 )
 def test_bad_overrides_name_the_key(override, error, key):

@@ -98,6 +98,11 @@ def test_incremental_nights_score_only_new_or_changed_files(local_ray, checkpoin
         ("full", 17),
     ]
 
+    # a night with nothing new, its adaptive test below detect.adaptive_rows: trained on part 2 alone
+    quiet = run(checkpoint, corpus, out, "run.id=day3", "run.incremental=true", "detect.adaptive_rows=2")
+    assert quiet["inputs"] == 0 and quiet["flagged"] == 0
+    assert quiet["adaptive_training_rows"]["night"] == 0 and quiet["adaptive_training_rows"]["part_2"] <= 4
+
 
 def test_a_failed_rerun_is_unpublished_and_stale_shards_never_mix(
     local_ray, checkpoint, tmp_path, monkeypatch

@@ -5,8 +5,8 @@ person should look at, with the expected share of in-distribution rows among the
 The rows never gather on the driver: Ray Data scores and sorts them across the cluster, and the two
 passes of :mod:`gradood.pipeline.ranking` run as tasks where the sorted blocks are. The driver sees one
 small summary per block (counts, a histogram of p-value indices, the drift test's part) and the top rows.
-An adaptive combination first takes one pass for the night's training rows (at most
-``detect.adaptive_rows``, each row with the same chance) and fits the night's test on the driver.
+An adaptive combination first fits the night's test on the driver from at most ``detect.adaptive_rows``
+training rows: a night that small is read there, a larger one is sampled by one Ray Data pass.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from gradood.pipeline.scoring import Scorer, TailSampler
 from gradood.stats.adaptive import AdaptiveNight, training_rate
 from gradood.stats.conformal import Combination
 from gradood.stats.drift import RankSumDrift
-from gradood.stats.suite import DetectorSuite
+from gradood.stats.suite import TAIL_ORDER, DetectorSuite
 
 SCORE_CONVENTION = (
     "ood_score: the chosen test's statistic, higher = more OOD, rank 1 = most OOD; p_value: conformal "
@@ -167,8 +167,9 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
         return None
     rate = training_rate(cfg.detect.adaptive_rows, storage.parquet_rows(files) + suite.n_calibration_[1])
     sampler = {"detector": detector, "group_size": cfg.extract.group_size, "rate": rate, "seed": cfg.seed}
-    if rate >= 1:
-        batches = [TailSampler(**sampler)(_numpy_columns(storage.read_parquet(f))) for f in files]
+    if rate >= 1 or not files:
+        read = TailSampler(**sampler)
+        batches = [read(_numpy_columns(storage.read_parquet(f))) for f in files]
     else:
         sampled = ray.data.read_parquet(files).map_batches(
             TailSampler,
@@ -179,7 +180,7 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
             num_cpus=cfg.extract.cpus_per_worker,
         )
         batches = list(sampled.iter_batches(batch_size=None, batch_format="numpy"))
-    k = len(suite.tests_)
+    k = len(TAIL_ORDER)
     tails = np.vstack(
         [np.zeros((0, k))] + [np.asarray(b["tails"], np.float64).reshape(-1, k) for b in batches]
     )

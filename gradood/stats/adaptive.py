@@ -9,9 +9,11 @@ the night's rows (class 1). Where the night holds OOD rows, the classifier learn
 Why the p-values stay valid: the classifier sees part 2 and the night's rows as one unordered set with one
 label, so for an in-distribution night row, its statistic and the part-2 statistics are exchangeable,
 and its conformal p-value against part 2 is super-uniform; Benjamini-Hochberg over a night's p-values
-keeps its false-discovery rate (Marandon et al., Theorem 3.3). A subsample of that union in which every
-row has the same chance (a uniform of (seed, row id) below a rate) keeps the symmetry. Putting part 2 in
-class 0 instead would break it: the in-sample night rows would score higher than part 2 (tested).
+keeps its false-discovery rate (Marandon et al., Theorem 3.3). Above ``detect.adaptive_rows`` a subsample
+of that union trains it, every row with the same chance (a uniform of (seed, side, row id) below a rate);
+a row that trained it and one that did not are then not exchangeable, so the guarantee holds on average
+over the draw of the subsample rather than for each draw. Putting part 2 in class 0 instead would break
+it: the in-sample night rows would score higher than part 2 (tested).
 
 The classifier is monotone (a larger -log p of any test never lowers the statistic), so it can only
 re-weigh and threshold the tests, never reward a row for looking *more* typical. On a night that is
@@ -37,8 +39,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from gradood.seeding import row_uniforms
 from gradood.stats.conformal import ConformalCalibrator
 
-#: the stream of the per-row uniforms that pick the rows training a night's classifier
+#: the stream of the per-row uniforms that pick the rows training a night's classifier (one per side, so
+#: that a calibration row and a night row with the same id, as sets of B>1 have, draw independently)
 TRAINING_STREAM = "adaptive-training"
+CALIBRATION_SIDE, NIGHT_SIDE = "calibration", "night"
 
 
 class AdaptiveCombination(ClassifierMixin, BaseEstimator):
@@ -97,12 +101,13 @@ class AdaptiveCombination(ClassifierMixin, BaseEstimator):
         return self.classes_[(self.decision_function(X) > 0).astype(int)]
 
 
-def training_mask(seed: int, row_ids: Sequence[str], rate: float) -> np.ndarray:
+def training_mask(seed: int, row_ids: Sequence[str], rate: float, side: str = NIGHT_SIDE) -> np.ndarray:
     """Which rows of the unlabelled union train the classifier: each with probability ``rate``, by a
-    uniform of (seed, row id), so a rerun, another shard layout and an in-process loop pick the same."""
+    uniform of (seed, side, row id), so a rerun, another shard layout and an in-process loop pick the
+    same; ``side`` is the night's rows or calibration part 2's."""
     if rate >= 1:
         return np.ones(len(row_ids), bool)
-    return row_uniforms(seed, row_ids, TRAINING_STREAM) < rate
+    return row_uniforms(seed, row_ids, f"{TRAINING_STREAM}:{side}") < rate
 
 
 def training_rate(max_rows: int, union_rows: int) -> float:
@@ -151,7 +156,7 @@ class AdaptiveNight:
         """Train on part 1 (reference) against the training rows of part 2 and ``night_tails`` (the night's
         training rows, already picked with :func:`training_mask` at the same ``rate``)."""
         cal = self.calibration
-        keep = training_mask(seed, cal.part_2_ids, rate)
+        keep = training_mask(seed, cal.part_2_ids, rate, CALIBRATION_SIDE)
         night_tails = np.asarray(night_tails, np.float64).reshape(-1, len(cal.tests))
         x = np.vstack([cal.part_1, cal.part_2[keep], night_tails])
         y = np.r_[np.zeros(len(cal.part_1), int), np.ones(int(keep.sum()) + len(night_tails), int)]

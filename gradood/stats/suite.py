@@ -89,7 +89,8 @@ def split_of(u: np.ndarray, calibration_fraction: float) -> np.ndarray:
 
 
 class DetectorSuite(BaseEstimator):
-    """All single tests plus their combination; ``ood_score`` and ``p_value`` are the combination's.
+    """All single tests plus their combination; ``ood_score`` and ``p_value`` are the fixed combination's
+    (an adaptive suite's is fitted per night: :meth:`night`, then ``score_all(X, night)``).
 
     ``fit(X)`` splits the rows itself (a seeded permutation); the pipeline instead assigns rows by a hash
     of (seed, row id) and calls :meth:`fit_parts`, so a rerun or another shard layout splits the same way.

@@ -108,14 +108,7 @@ def score_run(
     blocks = []
     if files:  # none: an incremental night with nothing new
         kwargs = {"detector": detector, "test": test, "group_size": cfg.extract.group_size, "night": night}
-        ds = ray.data.read_parquet(files).map_batches(
-            Scorer,
-            batch_size=4096,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
-            fn_constructor_kwargs=kwargs,
-            num_cpus=cfg.extract.cpus_per_worker,
-        )
+        ds = _on_actors(files, Scorer, kwargs, cfg)
         # materialised first, so the sort knows its input blocks (one per feature file, roughly) and
         # cuts as many partitions, rather than Ray's default of 200 whatever the size
         ds = ds.materialize()
@@ -171,14 +164,7 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
         read = TailSampler(**sampler)
         batches = [read(_numpy_columns(storage.read_parquet(f))) for f in files]
     else:
-        sampled = ray.data.read_parquet(files).map_batches(
-            TailSampler,
-            batch_size=4096,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
-            fn_constructor_kwargs=sampler,
-            num_cpus=cfg.extract.cpus_per_worker,
-        )
+        sampled = _on_actors(files, TailSampler, sampler, cfg)
         batches = list(sampled.iter_batches(batch_size=None, batch_format="numpy"))
     k = len(TAIL_ORDER)
     tails = np.vstack(
@@ -188,6 +174,20 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
         [np.zeros(0, np.int64)] + [np.asarray(b["row_index"], np.int64) for b in batches]
     )
     return suite.night(tails[np.argsort(row_index, kind="stable")], rate, cfg.seed)
+
+
+def _on_actors(
+    files: list[str], stage: type, kwargs: dict[str, Any], cfg: ScoreCorpusConfig
+) -> ray.data.Dataset:
+    """The feature files through a scoring stage, on a pool of up to ``extract.num_workers`` actors."""
+    return ray.data.read_parquet(files).map_batches(
+        stage,
+        batch_size=4096,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
+        fn_constructor_kwargs=kwargs,
+        num_cpus=cfg.extract.cpus_per_worker,
+    )
 
 
 def _numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:
@@ -200,7 +200,7 @@ def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig, night: Adapti
 
     layers = detector["layers"]
     empty = feature_table([], [], [], [], np.zeros((0, len(layers))), layers, {})
-    columns = {c: empty.column(c).to_numpy() for c in empty.column_names}
+    columns = _numpy_columns(empty)
     test = cfg.detect.detector.value
     scored = pa.table(Scorer(detector, test, cfg.extract.group_size, night=night)(columns))
     types = {"id": pa.string(), "driver": pa.string(), "top_layers": pa.list_(pa.string())}

@@ -30,7 +30,8 @@ class TailSampler:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         complete = np.asarray(batch["n_rows"]) == self.group_size
         keep = complete & training_mask(self.seed, [str(i) for i in batch["id"]], self.rate)
-        x = feature_matrix(batch, self.layers, self.min_sqnorm)[keep]
+        kept = {c: np.asarray(v)[keep] for c, v in batch.items()}  # features of the training rows only
+        x = feature_matrix(kept, self.layers, self.min_sqnorm)
         return {
             "row_index": np.asarray(batch["row_index"])[keep],
             "tails": self.suite.tails(x),

@@ -193,9 +193,12 @@ class DetectorSuite(BaseEstimator):
 
     def tails(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
         """-log p~ of every test (columns in :data:`TAIL_ORDER`) for validated feature rows ``X``."""
-        return np.column_stack(
-            [-self.calibrators_[t].log_tail(self._test_scores(t, X)) for t in TAIL_ORDER]
-        ).reshape(len(X), len(TAIL_ORDER))
+        return self._tails({t: self._test_scores(t, X) for t in TAIL_ORDER}, len(X))
+
+    def _tails(self, scores: dict[str, np.ndarray], n: int) -> np.ndarray:
+        return np.column_stack([-self.calibrators_[t].log_tail(scores[t]) for t in TAIL_ORDER]).reshape(
+            n, len(TAIL_ORDER)
+        )
 
     def _combine(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
         """Fixed combined statistic (Fisher's for an adaptive suite) and, per row, the index of the
@@ -251,7 +254,7 @@ class DetectorSuite(BaseEstimator):
             out["combined"] = {"score": stat, "p_index": self.combined_calibrator_.p_index(stat)}
             out["driver"] = np.asarray(self.components, dtype=object)[driver]
             return out
-        tails = self.tails(X)
+        tails = self._tails({name: out[name]["score"] for name in TAIL_ORDER}, len(X))
         stat = night.statistic(tails)
         out["combined"] = {"score": stat, "p_index": night.calibrator_.p_index(stat)}
         out["driver"] = np.asarray(TAIL_ORDER, dtype=object)[np.argmax(tails, axis=1)]

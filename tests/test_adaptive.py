@@ -112,6 +112,11 @@ def test_an_adaptive_suite_needs_its_night_and_round_trips():
     suite = DetectorSuite(combination="adaptive").fit(x)
     with pytest.raises(ValueError, match="night"):
         suite.score_all(x)
+    # ranking by a single test needs no night: the same scores, no combination
+    single = suite.score_all(x, combined=False)
+    assert "combined" not in single and "driver" not in single
+    paper = DetectorSuite(combination="fisher").fit(x).score_all(x)["paper"]
+    np.testing.assert_array_equal(single["paper"]["p_index"], paper["p_index"])
     night = suite.night(suite.tails(x.to_numpy()[:50]), 1.0, seed=0)
     with pytest.raises(ValueError, match="fisher"):
         DetectorSuite().fit(x).score_all(x, night)

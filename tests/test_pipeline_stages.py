@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from gradood.config import ScoreCorpusConfig, load_config
 from gradood.data.sources import LoadedRows, open_source
 from gradood.features import extract_features
 from gradood.models.checkpoint import WEIGHTS_FILE, load_checkpoint, read_checkpoint_meta
 from gradood.pipeline import storage
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
+from gradood.pipeline.score import fit_night
 from gradood.pipeline.scoring import Scorer
 from gradood.pipeline.stages import (
     ExtractSettings,
     ShardFeatures,
     ShardFeatureWriter,
+    completed_shard,
     compute_features,
     decode_shards,
     drop_non_finite,
 )
-from gradood.pipeline.tables import feature_matrix, suite_feature_names, table_metadata
+from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, feature_matrix, suite_feature_names, table_metadata
 from gradood.seeding import draw_noise, row_uniforms
 from gradood.stats import DetectorSuite, Moments, split_of
 from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
@@ -167,6 +171,14 @@ def test_shard_writer_contract(model_dir, tmp_path):
     single = Scorer(detector, "typicality")(cols)
     np.testing.assert_array_equal(single["ood_score"], scored["score:typicality"])
     assert set(single["driver"]) == {"typicality"}
+    # an adaptive suite ranked by one test fits no night (the files are not even read) and scores the same
+    adaptive = DetectorSuite(combination="adaptive").fit_parts(
+        merged, x[split == 1], x[split == 2], suite_feature_names(layers)
+    )
+    adaptive_detector = {**detector, "suite": adaptive.to_dict()}
+    cfg = load_config(ScoreCorpusConfig, overrides=["detect.detector=typicality"])
+    assert fit_night([str(out / "missing.parquet")], adaptive_detector, cfg) is None
+    np.testing.assert_array_equal(Scorer(adaptive_detector, "typicality")(cols)["p_value"], single["p_value"])
 
 
 def test_storage_same_path_for_local_and_file_uris(tmp_path):
@@ -174,3 +186,38 @@ def test_storage_same_path_for_local_and_file_uris(tmp_path):
     assert storage.read_json(str(tmp_path / "a" / "b.json")) == {"x": 1}
     assert storage.list_files(f"file://{tmp_path}", ".json") == [f"file://{tmp_path}/a/b.json"]
     assert storage.exists(str(tmp_path / "a")) and not storage.exists(str(tmp_path / "nope"))
+
+
+def test_incomplete_sets_of_the_fit_set_stay_out_of_fit_and_calibration(model_dir, tmp_path):
+    # 25 files, one corrupt, in sets of 3: the corrupt file's set and the last one (25 = 8 * 3 + 1) are short
+    corpus = write_png_folder(tmp_path / "corpus", n_id=20, n_ood=4)
+    source = open_source(str(corpus))
+    out = tmp_path / "out"
+    settings = ExtractSettings(
+        features_uri=str(out / "features"),
+        errors_uri=str(out / "errors"),
+        group_size=3,
+        batch_size=6,
+        seed=0,
+        method="engine",
+        min_sqnorm=1e-30,
+        image={"resize": "resize", "interpolation": "bilinear"},
+        calibration_fraction=0.5,
+    )
+    meta = read_checkpoint_meta(model_dir)
+    writer = ShardFeatureWriter((model_dir / WEIGHTS_FILE).read_bytes(), meta, source, settings)
+    (shard,) = source.shards(25)
+    summary = writer(decode_shards({"shard": np.array([shard], dtype=object)}, source, writer.converter))
+    table = pq.read_table(out / "features")
+    n_rows, split = table.column("n_rows").to_numpy(), table.column("split").to_numpy()
+    assert table.num_rows == 9 and sorted(n_rows.tolist()).count(3) == 7
+    np.testing.assert_array_equal(split == INCOMPLETE_SET_SPLIT, n_rows < 3)
+    assert Moments.from_dict(summary["moments"][0]).count == int((split == 0).sum())
+    expected = {"seed": 0, "group_size": 3}
+    assert completed_shard(shard, settings, expected)["feature_rows"] == 9
+    # a fit-set file that gave a short set a fit or calibration split (as before) is recomputed
+    stale = table.set_column(
+        table.column_names.index("split"), "split", pa.array(np.where(n_rows < 3, 1, split).astype(np.int8))
+    )
+    pq.write_table(stale, sorted((out / "features").glob("*.parquet"))[0])
+    assert completed_shard(shard, settings, expected) is None

@@ -21,7 +21,7 @@ from gradood.data.sources import open_source
 from gradood.pipeline import storage
 from gradood.pipeline.extract import log, run_extraction
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
-from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, suite_feature_names
+from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, SPLIT_COLUMN, feature_matrix, suite_feature_names
 from gradood.stats.moments import Moments
 from gradood.stats.suite import DetectorSuite
 
@@ -115,6 +115,7 @@ def fit_detector(
     features_uri = storage.join(fit_out, "features")
     moments = _reduced_moments(reducer, totals.shards, features_uri, layer_names, cfg.fit.min_sqnorm)
     table = storage.read_parquet(features_uri)
+    incomplete = int(pc.sum(pc.equal(table.column(SPLIT_COLUMN), INCOMPLETE_SET_SPLIT)).as_py() or 0)
     calibration = table.filter(pc.greater(table.column(SPLIT_COLUMN), 0))
     x = feature_matrix(calibration, layer_names, cfg.fit.min_sqnorm)
     part = calibration.column(SPLIT_COLUMN).to_numpy()
@@ -142,6 +143,7 @@ def fit_detector(
         f"detector fitted on {moments.count} feature rows, calibrated on {suite.n_calibration_[0]} + "
         f"{suite.n_calibration_[1]} ({totals.rows_scored} images, {totals.rows_rejected} rejected); "
         f"{len(dropped)} of {len(layer_names)} layers dropped for zero variance"
+        + (f"; {incomplete} incomplete sets left out of fit and calibration" if incomplete else "")
     )
     return {
         "format_version": DETECTOR_FORMAT,
@@ -158,6 +160,7 @@ def fit_detector(
             "n_feature_rows": table.num_rows,
             "n_fit_rows": int(moments.count),
             "n_calibration_rows": list(suite.n_calibration_),
+            "n_incomplete_sets": incomplete,
         },
         "layers": layer_names,
         "dropped_layers": dropped,

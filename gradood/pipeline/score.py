@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from gradood.config import ScoreCorpusConfig
+from gradood.config import DetectorName, ScoreCorpusConfig
 from gradood.pipeline import storage
 from gradood.pipeline.ranking import (
     SORT_DESCENDING,
@@ -151,12 +151,14 @@ def score_run(
 
 
 def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig) -> AdaptiveNight | None:
-    """The night's adaptive test (None for a fixed combination), trained on the driver, in row order, on
-    the training rows: those whose uniform of (seed, row id) is below the rate that leaves at most
-    ``detect.adaptive_rows`` of part 2 and the night. A night that small is read here; a larger one is
-    sampled by a Ray Data pass, so only the training rows' tails reach the driver."""
+    """The night's adaptive test (None for a fixed combination, or when the job ranks by a single test),
+    trained on the driver, in row order, on the training rows: those whose uniform of (seed, row id) is
+    below the rate that leaves at most ``detect.adaptive_rows`` of part 2 and the night. A night that
+    small is read here; a larger one is sampled by a Ray Data pass, so only the training rows' tails
+    reach the driver."""
     suite = DetectorSuite.from_dict(detector["suite"])
-    if Combination(suite.combination) is not Combination.adaptive:
+    adaptive = Combination(suite.combination) is Combination.adaptive
+    if not adaptive or cfg.detect.detector is not DetectorName.combined:
         return None
     rate = training_rate(cfg.detect.adaptive_rows, storage.parquet_rows(files) + suite.n_calibration_[1])
     sampler = {"detector": detector, "group_size": cfg.extract.group_size, "rate": rate, "seed": cfg.seed}

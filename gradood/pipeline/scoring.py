@@ -63,7 +63,7 @@ class Scorer:
         x = pd.DataFrame(
             feature_matrix(batch, self.layers, self.min_sqnorm), columns=self.columns, copy=False
         )
-        results = self.suite.score_all(x, self.night)
+        results = self.suite.score_all(x, self.night, combined=self.test == "combined")
         names, z = self.suite.top_layers(x, k=self.top_k)
         chosen = results[self.test]
         out = {

@@ -23,6 +23,7 @@ from gradood.models.base import DensityModel
 from gradood.models.checkpoint import model_from_bytes
 from gradood.pipeline import storage
 from gradood.pipeline.tables import (
+    INCOMPLETE_SET_SPLIT,
     SPLIT_COLUMN,
     error_table,
     feature_matrix,
@@ -217,8 +218,12 @@ def completed_shard(
         return None
     if any(meta.get(k) != v for k, v in expected.items()):
         return None
-    if settings.calibration_fraction is not None and SPLIT_COLUMN not in table.column_names:
-        return None
+    if settings.calibration_fraction is not None:
+        if SPLIT_COLUMN not in table.column_names:
+            return None
+        short = table.column("n_rows").to_numpy() < settings.group_size
+        if (table.column(SPLIT_COLUMN).to_numpy()[short] != INCOMPLETE_SET_SPLIT).any():
+            return None  # written before incomplete sets were kept out of the fit
     errors_file = storage.join(settings.errors_uri, name)
     rejected = storage.read_parquet(errors_file).num_rows if storage.exists(errors_file) else 0
     summary = shard_summary(shard, table, rejected, settings, 0.0)
@@ -274,6 +279,7 @@ class ShardFeatureWriter:
         split = None
         if s.calibration_fraction is not None:
             split = split_of(row_uniforms(s.seed, feats.ids, SPLIT_STREAM), s.calibration_fraction)
+            split[feats.n_rows < s.group_size] = INCOMPLETE_SET_SPLIT
         table = feature_table(
             feats.ids,
             feats.row_index,

@@ -24,6 +24,10 @@ from gradood.stats.suite import LOG_PROB_COLUMN
 SQNORM_PREFIX = "sqnorm:"
 METADATA_KEY = b"gradood"
 SPLIT_COLUMN = "split"
+#: the split of a fit-set feature row that is a set with fewer than group_size members (it lost some to
+#: decode errors, or is the last, short one): kept in the features, out of the fit and both calibration
+#: parts, whose rows must all be full sets to be exchangeable with the night's (which alone get p-values)
+INCOMPLETE_SET_SPLIT = -1
 
 
 def sqnorm_column(layer: str) -> str:

@@ -233,15 +233,21 @@ class DetectorSuite(BaseEstimator):
         """Conformal p-value of the fixed combined statistic against calibration part 2."""
         return self.combined_calibrator_.p_value(self.ood_score(X))
 
-    def score_all(self, X: Any, night: AdaptiveNight | None = None) -> dict[str, Any]:  # noqa: N803
+    def score_all(
+        self,
+        X: Any,  # noqa: N803
+        night: AdaptiveNight | None = None,
+        combined: bool = True,
+    ) -> dict[str, Any]:
         """Every test's score and p-value, the combination's, and the test that drove each row.
 
         An adaptive suite's combination is the ``night``'s (:meth:`night`), and the driver the test (of all)
-        with the smallest tail p; a fixed one's driver is the component with the smallest tail p.
+        with the smallest tail p; a fixed one's driver is the component with the smallest tail p. With
+        ``combined=False`` only the single tests are scored (no night needed, no ``combined``/``driver``).
         """
         X = self._checked(X)
         adaptive = Combination(self.combination) is Combination.adaptive
-        if adaptive and night is None:
+        if combined and adaptive and night is None:
             raise ValueError("an adaptive combination needs the night's test: DetectorSuite.night(...)")
         if night is not None and not adaptive:
             raise ValueError(f"a night's adaptive test was given to a {self.combination} combination")
@@ -249,6 +255,8 @@ class DetectorSuite(BaseEstimator):
         for name in self.tests_:
             s = self._test_scores(name, X)
             out[name] = {"score": s, "p_index": self.calibrators_[name].p_index(s)}
+        if not combined:
+            return out
         if night is None:
             stat, driver = self._combine(X)
             out["combined"] = {"score": stat, "p_index": self.combined_calibrator_.p_index(stat)}

@@ -98,5 +98,9 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     (grid_night,) = adaptive["nights"]["glow"]["grid"]
     for rule, detector in (("fixed", "combined_fisher"), ("adaptive", "combined")):
         assert grid_night[rule] == pytest.approx({s: b1[(detector, s)] for s in grid_night[rule]}, abs=1e-12)
-    assert set(adaptive["nights"]["glow"]) == {"grid", "one_source", "k=5"}
+    assert set(adaptive["nights"]["glow"]) == {"grid", "grid_without", "one_source", "k=5"}
+    left_out = adaptive["nights"]["glow"]["grid_without"]
+    assert sorted(n["without"] for n in left_out) == sorted(grid_night["adaptive"])
+    for night in left_out:  # the grid's night less one source: the others are all scored
+        assert set(night["adaptive"]) == set(grid_night["adaptive"]) - {night["without"]}
     assert len(adaptive["nights"]["glow"]["k=5"]) == 4  # one night per OOD source

@@ -113,6 +113,10 @@ class FlagConfig:
     #: bh: Benjamini-Hochberg (conformal p-values are PRDS); by: Benjamini-Yekutieli (any dependence)
     method: FdrMethod = FdrMethod.bh
 
+    def __post_init__(self) -> None:
+        if not 0 < self.fdr < 1:
+            raise ValueError(f"flag.fdr must be in (0, 1), got {self.fdr}")
+
 
 @dataclass
 class ExtractConfig:

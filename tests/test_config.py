@@ -29,6 +29,8 @@ def test_yaml_and_cli_merge():
         ("detect.components=[paper,magic]", ValidationError, "detect.components"),
         ("flag.method=storey", ValidationError, "flag.method"),
         ("detect.adaptive_rows=0", ValueError, "detect.adaptive_rows"),
+        ("flag.fdr=1.0", ValueError, "flag.fdr"),
+        ("flag.fdr=0", ValueError, "flag.fdr"),
     ],
 )
 def test_bad_overrides_name_the_key(override, error, key):

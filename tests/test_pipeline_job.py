@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +90,7 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
         assert r["p_value"] == ref[r["id"]]["p_value"]
         assert len(r["top_layers"]) == 3 and len(r["top_z"]) == 3
     assert summary["flagged"] == sum(r["flagged"] for r in scores)
+    assert summary["flagged_by_driver"] == Counter(r["driver"] for r in scores if r["flagged"])
     assert [r["rank"] for r in scores] == list(range(1, 19))
     assert all(a["ood_score"] >= b["ood_score"] for a, b in zip(scores, scores[1:], strict=False))
     assert summary["top10"] == [r["id"] for r in scores[:10]]

@@ -1,5 +1,7 @@
 """Ranking a run block by block equals ranking it in one place (scipy's BH, numpy's lexsort, scipy's U)."""
 
+from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -9,6 +11,7 @@ from gradood.pipeline.ranking import (
     FIRST_COLUMNS,
     block_stats,
     finish_block,
+    merge_flagged_by_driver,
     merge_histograms,
     merge_stats,
     top_level_group,
@@ -24,8 +27,10 @@ def scored_rows(rng, n, n_calibration, root="/corpus"):
         {
             "id": [f"{root}/{f}/{i}.png" for i, f in enumerate(folders)],
             "ood_score": np.round(rng.normal(size=n), 2),  # ties, broken by row order
-            "p_value": rng.integers(1, n_calibration + 2, n) / (n_calibration + 1),
-            "driver": ["paper"] * n,
+            # a tenth of the rows far out, so that some are flagged
+            "p_value": np.where(rng.random(n) < 0.1, 1, rng.integers(1, n_calibration + 2, n))
+            / (n_calibration + 1),
+            "driver": np.array(["paper", "fullcov", "typicality"])[rng.integers(0, 3, n)].tolist(),
             "log_prob": rng.normal(size=n),
             "n_rows": n_rows,
             "complete_set": n_rows == 2,
@@ -67,6 +72,10 @@ def test_blockwise_ranking_equals_the_whole_run(method):
     flagged = out.column("flagged").to_numpy()
     np.testing.assert_array_equal(flagged[done], expected_q <= fdr)
     assert not flagged[~done].any() and sum(f.flagged for _, f in finished) == flagged.sum()
+    by_driver = merge_flagged_by_driver([f for _, f in finished])
+    assert by_driver == Counter(np.asarray(out.column("driver").to_pylist())[flagged].tolist())
+    assert list(by_driver.values()) == sorted(by_driver.values(), reverse=True)
+    assert len(by_driver) == (3 if method == "bh" else 0)  # BY's threshold is below the far rows' p = 1/201
 
     reference = drift_test(out.column("ood_score").to_numpy()[done], calibration)
     assert run.drift["statistic"] == reference["statistic"]

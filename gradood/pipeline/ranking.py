@@ -16,6 +16,7 @@ Nothing here imports Ray; :mod:`gradood.pipeline.score` runs these functions as 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,8 @@ class FinishedBlock:
     flagged: int
     top: list[dict[str, Any]]
     histograms: dict[str, FolderHistogram]
+    #: flagged rows per test that drove their p-value (the ``driver`` column)
+    flagged_by_driver: dict[str, int]
 
 
 def finish_block(
@@ -180,7 +183,16 @@ def finish_block(
             p_counts=np.histogram(p_value[mask & np.isfinite(p_value)], bins=P_VALUE_EDGES)[0],
         )
     top = table.slice(0, max(0, top_k - first_rank + 1)).to_pylist()
-    return table, FinishedBlock(table.num_rows, int(flagged.sum()), top, histograms)
+    by_driver = Counter(np.asarray(table.column("driver").to_pylist(), dtype=object)[flagged].tolist())
+    return table, FinishedBlock(table.num_rows, int(flagged.sum()), top, histograms, dict(by_driver))
+
+
+def merge_flagged_by_driver(blocks: list[FinishedBlock]) -> dict[str, int]:
+    """Flagged rows per driving test over the run, most first (ties by name)."""
+    merged: Counter[str] = Counter()
+    for block in blocks:
+        merged.update(block.flagged_by_driver)
+    return dict(sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def merge_histograms(blocks: list[FinishedBlock]) -> dict[str, FolderHistogram]:

@@ -168,6 +168,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "combination": cfg.detect.combination.value,
         "adaptive_training_rows": scores.adaptive_training_rows,
         "flagged": scores.flagged,
+        "flagged_by_driver": scores.flagged_by_driver,
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
         "drift": scores.drift,

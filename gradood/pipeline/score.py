@@ -30,6 +30,7 @@ from gradood.pipeline.ranking import (
     RunStats,
     block_stats,
     finish_block,
+    merge_flagged_by_driver,
     merge_histograms,
     merge_stats,
 )
@@ -69,6 +70,8 @@ class RunScores:
     #: the first rows in rank order (at least the top 10)
     top: list[dict[str, Any]]
     histograms: dict[str, FolderHistogram]
+    #: flagged rows per test that drove their p-value, most first
+    flagged_by_driver: dict[str, int]
     score_edges: np.ndarray | None
     drift: dict[str, Any]
     #: rows that trained the night's adaptive test (reference, part 2, night); None for a fixed one
@@ -144,6 +147,7 @@ def score_run(
         flagged=sum(f.flagged for f in finished),
         top=[row for f in finished for row in f.top],
         histograms=merge_histograms(finished),
+        flagged_by_driver=merge_flagged_by_driver(finished),
         score_edges=run.score_edges,
         drift=run.drift,
         adaptive_training_rows=None if night is None else night.training_rows_,

@@ -70,6 +70,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"flagged {summary['flagged']} of {summary['feature_rows']} rows at a false-discovery rate of "
         f"{summary['fdr']} ({summary['fdr_method']}, detector {summary['detector']})"
     )
+    if summary["flagged_by_driver"]:
+        drivers = ", ".join(f"{name} {n}" for name, n in summary["flagged_by_driver"].items())
+        log(f"flagged rows by the test that drove their p-value: {drivers}")
     trained = summary["adaptive_training_rows"]
     if trained:
         log(

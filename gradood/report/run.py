@@ -49,6 +49,13 @@ def _counts(summary: Mapping[str, Any]) -> str:
     skipped = summary.get("skipped_reasons") or {}
     if skipped:
         table += html_table(["skipped because", "files"], sorted(skipped.items()), caption="Skipped files")
+    by_driver = summary.get("flagged_by_driver") or {}
+    if by_driver:
+        table += html_table(
+            ["test", "flagged rows"],
+            list(by_driver.items()),
+            caption="Flagged rows by the test that drove them (its p-value is the row's smallest)",
+        )
     return table
 
 

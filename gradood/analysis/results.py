@@ -18,7 +18,7 @@ from gradood.models.base import DensityModel
 from gradood.pipeline import storage
 from gradood.pipeline.tables import sqnorm_matrix
 from gradood.seeding import draw_noise, row_seed
-from gradood.stats.detectors import log_features
+from gradood.stats.layout import log_features
 
 
 @dataclass

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradood.pipeline.stages import object_column
-from gradood.pipeline.tables import feature_matrix, suite_feature_names
+from gradood.pipeline.tables import feature_matrix, object_column, suite_feature_names
 from gradood.stats.adaptive import AdaptiveNight, training_mask
 from gradood.stats.suite import DetectorSuite
 

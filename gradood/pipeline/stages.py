@@ -28,11 +28,12 @@ from gradood.pipeline.tables import (
     error_table,
     feature_matrix,
     feature_table,
+    object_column,
     table_metadata,
 )
 from gradood.seeding import draw_noise, row_uniforms
+from gradood.stats.layout import split_of
 from gradood.stats.moments import Moments
-from gradood.stats.suite import split_of
 
 #: the stream of the per-row uniform that assigns held-out rows to fit / calibration parts
 SPLIT_STREAM = "calibration-split"
@@ -331,10 +332,3 @@ def decode_shards(
         rows.append(load_rows(source, shard, converter))
         seconds.append(time.perf_counter() - t0)
     return {"shard": batch["shard"], "rows": object_column(rows), "decode_seconds": np.array(seconds)}
-
-
-def object_column(values: list) -> np.ndarray:
-    """A 1-D object array of arbitrary Python values (Ray Data stores such a column pickled)."""
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out

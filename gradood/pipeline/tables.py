@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gradood.stats.detectors import log_features
-from gradood.stats.suite import LOG_PROB_COLUMN
+from gradood.stats.layout import LOG_PROB_COLUMN, log_features
 
 SQNORM_PREFIX = "sqnorm:"
 METADATA_KEY = b"gradood"
@@ -102,3 +101,10 @@ def error_table(errors: Sequence[tuple[str, int, str]]) -> pa.Table:
             "error": pa.array([e[2] for e in errors], pa.string()),
         }
     )
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array of arbitrary Python values (Ray Data stores such a column pickled)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out

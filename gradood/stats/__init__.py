@@ -1,53 +1,54 @@
 """Statistics over gradient features (no torch): mergeable moments, single OOD tests, conformal p-values,
-false-discovery control, the combined detector suite and detection metrics."""
+false-discovery control, the combined detector suite and detection metrics.
 
-from gradood.stats.conformal import (
-    Combination,
-    ConformalCalibrator,
-    FdrMethod,
-    combine_log_p,
-    conformal_p_values,
-    fdr_flags,
-    q_values_from_index,
-)
-from gradood.stats.detectors import (
-    DiagonalGaussian,
-    FisherLayers,
-    GradNorm,
-    NegLogLikelihood,
-    OODTest,
-    ShrinkageGaussian,
-    Typicality,
-    log_features,
-)
-from gradood.stats.metrics import aupr_in, aupr_out, auroc, fpr_at_95_tpr, ood_metrics
-from gradood.stats.moments import Moments
-from gradood.stats.suite import LOG_PROB_COLUMN, DetectorSuite, TestName, split_of
+Names are imported on first use, so a worker that needs only the feature layout (extraction) or the
+moments does not pay for scipy and scikit-learn.
+"""
 
-__all__ = [
-    "LOG_PROB_COLUMN",
-    "Combination",
-    "ConformalCalibrator",
-    "DetectorSuite",
-    "DiagonalGaussian",
-    "FdrMethod",
-    "FisherLayers",
-    "GradNorm",
-    "Moments",
-    "NegLogLikelihood",
-    "OODTest",
-    "ShrinkageGaussian",
-    "TestName",
-    "Typicality",
-    "aupr_in",
-    "combine_log_p",
-    "aupr_out",
-    "auroc",
-    "conformal_p_values",
-    "fdr_flags",
-    "fpr_at_95_tpr",
-    "log_features",
-    "ood_metrics",
-    "q_values_from_index",
-    "split_of",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it
+_MODULES = {
+    "Combination": "conformal",
+    "ConformalCalibrator": "conformal",
+    "FdrMethod": "conformal",
+    "combine_log_p": "conformal",
+    "conformal_p_values": "conformal",
+    "fdr_flags": "conformal",
+    "q_values_from_index": "conformal",
+    "DiagonalGaussian": "detectors",
+    "FisherLayers": "detectors",
+    "GradNorm": "detectors",
+    "NegLogLikelihood": "detectors",
+    "OODTest": "detectors",
+    "ShrinkageGaussian": "detectors",
+    "Typicality": "detectors",
+    "LOG_PROB_COLUMN": "layout",
+    "log_features": "layout",
+    "split_of": "layout",
+    "aupr_in": "metrics",
+    "aupr_out": "metrics",
+    "auroc": "metrics",
+    "fpr_at_95_tpr": "metrics",
+    "ood_metrics": "metrics",
+    "Moments": "moments",
+    "DetectorSuite": "suite",
+    "TestName": "suite",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])

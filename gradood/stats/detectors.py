@@ -25,23 +25,11 @@ from scipy.stats import norm
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from gradood.stats.moments import Moments, as_matrix, check_finite
+from gradood.stats.moments import Moments
 
 FORMAT_VERSION = 3
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def log_features(sqnorms: np.ndarray, min_sqnorm: float) -> np.ndarray:
-    """``log(max(f, min_sqnorm))`` in float64: the columns every gradient test works on.
-
-    The floor turns exact zeros (dead layers) into a finite value; tiny negative values, which ghost
-    norms can produce by cancellation, land on it too. NaN or inf means a broken extraction upstream
-    and raises ValueError naming the column.
-    """
-    sqnorms = as_matrix(sqnorms, "squared gradient norms")
-    check_finite(sqnorms, "squared gradient norms")
-    return np.log(np.maximum(sqnorms, min_sqnorm))
 
 
 def check_format(d: dict[str, Any], kind: str) -> None:

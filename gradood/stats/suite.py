@@ -39,9 +39,8 @@ from gradood.stats.detectors import (
     check_format,
     ood_test_from_dict,
 )
+from gradood.stats.layout import LOG_PROB_COLUMN, split_of
 from gradood.stats.moments import Moments
-
-LOG_PROB_COLUMN = "log_prob"
 
 
 class TestName(StrEnum):
@@ -80,12 +79,6 @@ def _make_test(name: TestName, min_std: float) -> OODTest:
         TestName.typicality: Typicality,
         TestName.nll: NegLogLikelihood,
     }[name]()
-
-
-def split_of(u: np.ndarray, calibration_fraction: float) -> np.ndarray:
-    """0 = fit, 1 = calibration part 1, 2 = part 2, from per-row uniforms ``u`` in [0, 1)."""
-    u = np.asarray(u, dtype=np.float64)
-    return np.where(u >= calibration_fraction, 0, np.where(u < calibration_fraction / 2, 1, 2))
 
 
 class DetectorSuite(BaseEstimator):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,15 +102,14 @@ def test_non_finite_groups_become_error_rows():
     assert "non-finite" in errors[-1][2]
 
 
-def test_shard_writer_contract(model_dir, tmp_path):
-    corpus = write_png_folder(tmp_path / "corpus", n_id=20, n_ood=4)
-    source = open_source(str(corpus))
-    out = tmp_path / "out"
+def png_corpus_writer(model_dir: Path, out: Path, group_size: int, batch_size: int):
+    """A folder of 25 PNGs (one corrupt), its source, and a shard writer over it writing under ``out``."""
+    source = open_source(str(write_png_folder(out.parent / "corpus", n_id=20, n_ood=4)))
     settings = ExtractSettings(
         features_uri=str(out / "features"),
         errors_uri=str(out / "errors"),
-        group_size=1,
-        batch_size=4,
+        group_size=group_size,
+        batch_size=batch_size,
         seed=0,
         method="engine",
         min_sqnorm=1e-30,
@@ -117,6 +118,13 @@ def test_shard_writer_contract(model_dir, tmp_path):
     )
     meta = read_checkpoint_meta(model_dir)
     writer = ShardFeatureWriter((model_dir / WEIGHTS_FILE).read_bytes(), meta, source, settings)
+    return source, settings, writer
+
+
+def test_shard_writer_contract(model_dir, tmp_path):
+    out = tmp_path / "out"
+    source, _, writer = png_corpus_writer(model_dir, out, group_size=1, batch_size=4)
+    meta = read_checkpoint_meta(model_dir)
     shards = source.shards(7)
     decoded = decode_shards({"shard": np.array(shards, dtype=object)}, source, writer.converter)
     assert [rows.ids + [e[0] for e in rows.errors] for rows in decoded["rows"]] == [
@@ -190,22 +198,8 @@ def test_storage_same_path_for_local_and_file_uris(tmp_path):
 
 def test_incomplete_sets_of_the_fit_set_stay_out_of_fit_and_calibration(model_dir, tmp_path):
     # 25 files, one corrupt, in sets of 3: the corrupt file's set and the last one (25 = 8 * 3 + 1) are short
-    corpus = write_png_folder(tmp_path / "corpus", n_id=20, n_ood=4)
-    source = open_source(str(corpus))
     out = tmp_path / "out"
-    settings = ExtractSettings(
-        features_uri=str(out / "features"),
-        errors_uri=str(out / "errors"),
-        group_size=3,
-        batch_size=6,
-        seed=0,
-        method="engine",
-        min_sqnorm=1e-30,
-        image={"resize": "resize", "interpolation": "bilinear"},
-        calibration_fraction=0.5,
-    )
-    meta = read_checkpoint_meta(model_dir)
-    writer = ShardFeatureWriter((model_dir / WEIGHTS_FILE).read_bytes(), meta, source, settings)
+    source, settings, writer = png_corpus_writer(model_dir, out, group_size=3, batch_size=6)
     (shard,) = source.shards(25)
     summary = writer(decode_shards({"shard": np.array([shard], dtype=object)}, source, writer.converter))
     table = pq.read_table(out / "features")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gradood.stats.conformal import FdrMethod, fdr_flags, p_index_counts, q_value_table
 from gradood.stats.drift import RankSumDrift, RankSumPart
@@ -183,8 +184,9 @@ def finish_block(
             p_counts=np.histogram(p_value[mask & np.isfinite(p_value)], bins=P_VALUE_EDGES)[0],
         )
     top = table.slice(0, max(0, top_k - first_rank + 1)).to_pylist()
-    by_driver = Counter(np.asarray(table.column("driver").to_pylist(), dtype=object)[flagged].tolist())
-    return table, FinishedBlock(table.num_rows, int(flagged.sum()), top, histograms, dict(by_driver))
+    counts = pc.value_counts(table.column("driver").filter(pa.array(flagged)))
+    by_driver = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
+    return table, FinishedBlock(table.num_rows, int(flagged.sum()), top, histograms, by_driver)
 
 
 def merge_flagged_by_driver(blocks: list[FinishedBlock]) -> dict[str, int]:

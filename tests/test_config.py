@@ -50,6 +50,16 @@ def test_model_shortcut_replaces_params():
         load_config(TrainJobConfig, [], ["model=nope"])
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+def test_a_family_trains_with_its_own_budget_whichever_default_family_came_first(name):
+    """The training job starts from Glow's YAML, the scoring job (which trains a missing checkpoint) from
+    the VAE's; model=NAME must give the same model and training settings in both."""
+    trained = load_config(TrainJobConfig, [CONF_DIR / "train.yaml"], [f"model={name}"])
+    scored = load_config(ScoreCorpusConfig, [SCORE_YAML], [f"model={name}"])
+    assert scored.model == trained.model and scored.train == trained.train
+    assert trained.train.name == f"{name}_fmnist_small"
+
+
 def test_cluster_yaml_is_valid_for_the_ray_launcher():
     from ray.autoscaler._private.util import prepare_config, validate_config
 

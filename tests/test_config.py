@@ -58,6 +58,9 @@ def test_a_family_trains_with_its_own_budget_whichever_default_family_came_first
     scored = load_config(ScoreCorpusConfig, [SCORE_YAML], [f"model={name}"])
     assert scored.model == trained.model and scored.train == trained.train
     assert trained.train.name == f"{name}_fmnist_small"
+    if name == "glow":  # the training job's default family, with or without model=glow
+        default = load_config(TrainJobConfig, [CONF_DIR / "train.yaml"])
+        assert default.model == trained.model and default.train == trained.train
 
 
 def test_cluster_yaml_is_valid_for_the_ray_launcher():

@@ -33,8 +33,8 @@ from gradood.data.demo import DEMO_ID_SOURCE, demo_source_of
 from gradood.pipeline import storage
 from gradood.pipeline.tables import feature_matrix
 from gradood.stats import DetectorSuite
-from gradood.stats.adaptive import adaptive_p_values
-from gradood.stats.suite import TAIL_ORDER
+from gradood.stats.adaptive import adaptive_p_values, component_tail
+from gradood.stats.suite import tail_columns
 
 SHARES = (10, 30, 100, 300)
 ALPHAS = (0.01, 0.05, 0.1)
@@ -46,7 +46,7 @@ def score_night(
 ) -> dict[str, dict]:
     """AUROC per source of every rule, the per-source targets (from ``targets``: the paper and typicality
     scores, one column each), and the ID rows' adaptive p-value rates."""
-    columns = [TAIL_ORDER.index(c) for c in suite.components]
+    columns = [tail_columns(c) for c in suite.components]
     cal = suite.calibration_tails_
     night = suite.night(tails, 1.0, seed)
     classifier, _, _ = adaptive_p_values(cal.part_1, cal.part_2, tails, random_state=seed)
@@ -55,7 +55,7 @@ def score_night(
     paper, typicality = aurocs(targets[:, 0], source), aurocs(targets[:, 1], source)
     is_id = source == DEMO_ID_SOURCE
     return {
-        "fixed": aurocs(2.0 * tails[:, columns].sum(axis=1), source),
+        "fixed": aurocs(2.0 * sum(component_tail(tails, np.asarray(c)) for c in columns), source),
         "classifier": aurocs(classifier, source),
         "adaptive": aurocs(statistic, source),
         "target": {s: max(paper[s], typicality[s]) - TOLERANCE for s in paper},
@@ -68,7 +68,7 @@ def family_nights(out: Path, seed: int, shares: list[int]) -> dict[str, list[dic
     features = storage.read_parquet(storage.join(run_uri, "features")).sort_by("row_index")
     x = feature_matrix(features, detector["layers"], cfg.fit.min_sqnorm)
     tails = suite.tails(x)
-    targets = np.column_stack([suite._test_scores(t, x) for t in ("paper", "typicality")])
+    targets = np.column_stack([suite.test_scores(t, x) for t in ("paper", "typicality")])
     source = np.array([demo_source_of(i) for i in features.column("id").to_pylist()])
     rng = np.random.default_rng(seed)
     id_rows = np.flatnonzero(source == DEMO_ID_SOURCE)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 
 from gradood.stats.conformal import Combination, FdrMethod
+from gradood.stats.layout import check_split
 from gradood.stats.suite import TestName
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -68,18 +69,24 @@ class TrainConfig:
 class FitConfig:
     """Held-out in-distribution data the per-layer log-Gaussians are fitted on."""
 
-    uri: str = "torchvision://FashionMNIST?split=test"
-    start: int = 0
-    size: int | None = 5000
+    uri: str = "torchvision://FashionMNIST?split=train"
+    start: int = 50_000
+    size: int | None = 10_000
     #: squared norms are clipped to this floor before the log (guards log(0) for dead layers)
     min_sqnorm: float = 1e-30
     #: layers whose log-norm std on the fit set is below this are dropped (and counted)
     min_std: float = 1e-12
     #: share of the held-out rows kept out of the fit for calibration (p-values); split by a hash of
-    #: (seed, row id), half for the single tests' p-values, half for the combined test's
-    calibration_fraction: float = 0.4
+    #: (seed, row id) into part 1 (the single tests' p-values) and part 2 (the combined test's)
+    calibration_fraction: float = 0.8
+    #: share of all held-out rows in calibration part 2: its size n sets the smallest p-value,
+    #: 1 / (n + 1), and so the smallest OOD share a night can be flagged at (null: half the held-out share)
+    part_2_fraction: float | None = 0.5
     #: refit even when a detector with matching settings exists (it is reused otherwise)
     refit: bool = False
+
+    def __post_init__(self) -> None:
+        check_split(self.calibration_fraction, self.part_2_fraction)
 
 
 #: which test's score and p-value rank and flag the corpus: the combination or one single test
@@ -110,7 +117,8 @@ class DetectConfig:
 class FlagConfig:
     #: false-discovery rate the flags are controlled at, over one run's p-values
     fdr: float = 0.05
-    #: bh: Benjamini-Hochberg (conformal p-values are PRDS); by: Benjamini-Yekutieli (any dependence)
+    #: bh: Benjamini-Hochberg (conformal p-values are PRDS); storey: adaptive BH, q divided by the
+    #: estimated in-distribution share; by: Benjamini-Yekutieli (any dependence)
     method: FdrMethod = FdrMethod.bh
 
     def __post_init__(self) -> None:
@@ -147,8 +155,9 @@ class CorpusConfig:
     #: Parquet image column (auto-detected when null)
     image_column: str | None = None
     limit: int | None = None
-    #: rows per demo source when uri=demo
-    demo_rows_per_source: int = 500
+    #: uri=demo: rows of each OOD source, and held-out FashionMNIST rows (a night mostly in-distribution)
+    demo_rows_per_source: int = 50
+    demo_id_rows: int = 2000
     #: pixels (width * height) above which an image is an error row (checked before decoding); null: no limit
     max_pixels: int | None = 50_000_000
     #: encoded bytes per image file or Parquet cell above which it is an error row; null: no limit
@@ -220,6 +229,11 @@ class EvaluateSettings:
         ]
     )
     rows_per_source: int = 1000
+    #: held-out FashionMNIST rows of the corpus (test rows 5000 on; the derived sources read the rows after)
+    id_rows: int = 2000
+    #: realistic nights (B=1): rows per night, drawn from the run's rows at each OOD share, and draws
+    night_rows: int = 2000
+    night_draws: int = 5
     #: more (far-)OOD sources by URI, name -> uri, e.g. mnist: torchvision://MNIST?split=test&root=DIR
     extra_sources: dict[str, str] = field(default_factory=dict)
     #: include Bergamin et al.'s per-parameter score statistic (in-process, about 2x a feature pass)

@@ -59,7 +59,8 @@ def reference_scores(
     corpus_uri: str,
     seed: int,
     group_size: int = 1,
-    calibration_fraction: float = 0.4,
+    calibration_fraction: float = 0.8,
+    part_2_fraction: float | None = 0.5,
 ) -> dict[str, dict[str, float]]:
     """The whole method in-process with the per-sample loop: {id: {ood_score, p_value, score:*, log_prob}}."""
     model = checkpoint_model
@@ -81,8 +82,10 @@ def reference_scores(
         return ids, matrix, res.layer_names, np.bincount(g)
 
     fit_ids, fit_x, names, _ = features(fit_uri, fit_size)
-    part = split_of(row_uniforms(seed, fit_ids, SPLIT_STREAM), calibration_fraction)
-    suite = DetectorSuite(calibration_fraction=calibration_fraction, combination="adaptive").fit_parts(
+    part = split_of(row_uniforms(seed, fit_ids, SPLIT_STREAM), calibration_fraction, part_2_fraction)
+    suite = DetectorSuite(
+        calibration_fraction=calibration_fraction, part_2_fraction=part_2_fraction, combination="adaptive"
+    ).fit_parts(
         Moments.from_values(fit_x[part == 0]),
         fit_x[part == 1],
         fit_x[part == 2],

@@ -27,7 +27,7 @@ def test_yaml_and_cli_merge():
         ("detect.detector=best", ValidationError, "detect.detector"),
         ("detect.combination=mean", ValidationError, "detect.combination"),
         ("detect.components=[paper,magic]", ValidationError, "detect.components"),
-        ("flag.method=storey", ValidationError, "flag.method"),
+        ("flag.method=holm", ValidationError, "flag.method"),
         ("detect.adaptive_rows=0", ValueError, "detect.adaptive_rows"),
         ("flag.fdr=1.0", ValueError, "flag.fdr"),
         ("flag.fdr=0", ValueError, "flag.fdr"),

@@ -99,11 +99,24 @@ def test_too_small_test_split(tmp_path):
     # hflip is the fourth block: id_start + 4 * n rows are needed, and the split has 10000
     build_image_corpus(tmp_path / "fits", ["fashion_mnist_hflip"], rows_per_source=1, id_start=9996)
     assert list(read_folder(tmp_path / "fits" / "fashion_mnist_hflip")) == ["test-09999.png"]
-    with pytest.raises(ValueError, match=r"\[9997, 10001\), but the test split has 10000 rows"):
+    with pytest.raises(ValueError, match=r"\[9997, 10001\) .*, but the test split has 10000 rows"):
         build_image_corpus(tmp_path / "over", ["fashion_mnist_hflip"], rows_per_source=1, id_start=9997)
-    with pytest.raises(ValueError, match="id_start"):
+    with pytest.raises(ValueError, match="but the test split has 10000 rows"):
         build_image_corpus(tmp_path / "over", [DEMO_ID_SOURCE, *NEW_SOURCES], rows_per_source=1300)
     assert not (tmp_path / "over").exists()
+
+
+@needs_fashion_mnist
+def test_a_night_like_corpus_has_its_own_in_distribution_count_and_no_row_twice(tmp_path):
+    """id_rows sets the held-out FashionMNIST count apart; the derived sources read the rows after it."""
+    names = [DEMO_ID_SOURCE, "fashion_mnist_inverted", "fashion_mnist_vflip", "fashion_mnist_hflip", "digits"]
+    manifest = build_image_corpus(tmp_path, names, rows_per_source=2, id_start=5000, id_rows=3)
+    assert manifest["counts"] == {DEMO_ID_SOURCE: 3, "fashion_mnist_inverted": 2, "fashion_mnist_vflip": 2,
+                                  "fashion_mnist_hflip": 2, "digits": 2}  # fmt: skip
+    rows = {name: list(read_folder(tmp_path / name)) for name in names[:4]}
+    assert rows[DEMO_ID_SOURCE] == ["test-05000.png", "test-05001.png", "test-05002.png"]
+    assert rows["fashion_mnist_inverted"] == ["test-05003.png", "test-05004.png"]
+    assert rows["fashion_mnist_hflip"] == ["test-05007.png", "test-05008.png"]
 
 
 @pytest.mark.parametrize(
@@ -111,6 +124,7 @@ def test_too_small_test_split(tmp_path):
     [
         (["glyphs"], {"id_start": -1}, "id_start >= 0"),
         (["glyphs"], {"rows_per_source": 0}, "rows_per_source >= 1"),
+        (["glyphs"], {"id_rows": 0}, "id_rows >= 1"),
         (["glyphs", "glyphs"], {}, "distinct"),
         ([], {}, "non-empty"),
         (["glyphs", "cifar"], {}, "unknown image source 'cifar'"),

@@ -28,6 +28,9 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
         "evaluate.families=[glow]",
         "evaluate.group_sizes=[1,5]",
         "evaluate.rows_per_source=20",
+        "evaluate.id_rows=200",
+        "evaluate.night_rows=200",
+        "evaluate.night_draws=1",
         "evaluate.sources=[digits,fashion_mnist_vflip,glyphs]",
         f"evaluate.extra_sources={{mnist: 'torchvision://MNIST?split=test&root={tmp_path / 'tv'}'}}",
     ]
@@ -48,7 +51,7 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     for (group_size, detector), sub in scores.groupby(["group_size", "detector"]):
         rows = metrics[(metrics["group_size"] == group_size) & (metrics["detector"] == detector)]
         id_rows = sub[~sub["is_ood"]]
-        assert len(id_rows) == 20 // group_size
+        assert len(id_rows) == 200 // group_size
         for r in rows.to_dict("records"):
             ood = sub[sub["source"] == r["source"]]
             expected = ood_metrics(id_rows["ood_score"].to_numpy(), ood["ood_score"].to_numpy())
@@ -66,6 +69,19 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     for r in calibration.to_dict("records"):
         sub = scores[(scores["group_size"] == r["group_size"]) & (scores["detector"] == r["detector"])]
         assert r["rate"] == pytest.approx(np.mean(sub.loc[~sub["is_ood"], "p_value"] <= r["alpha"]))
+
+    # realistic nights (B=1): every far-OOD source at every OOD share, the default and the fixed Fisher
+    # combination, BH and Storey; each night has round(share * 200) OOD rows
+    nights = pq.read_table(out / "nights.parquet").to_pandas()
+    assert set(nights["source"]) == {"digits", "glyphs", "mnist"}
+    assert set(nights["detector"]) == {"combined", "combined_fisher"} and set(nights["method"]) == {
+        "bh",
+        "storey",
+    }
+    assert len(nights) == 3 * 5 * 1 * 2 * 2
+    np.testing.assert_array_equal(nights["n_ood"], np.round(nights["prevalence"] * 200).astype(int))
+    assert (nights["n_rows"] == 200).all() and nights["power"].between(0, 1).all()
+    assert "| glow | glyphs | 0.5 % |" in (out / "nights.md").read_text()
 
     html = (out / "report.html").read_text()
     assert "gradood evaluation grid" in html and "mnist" in html and "bergamin" in html

@@ -24,7 +24,7 @@ from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-FIT = ["fit.uri=torchvision://FashionMNIST?split=test", "fit.size=40"]
+FIT = ["fit.uri=torchvision://FashionMNIST?split=test", "fit.start=0", "fit.size=40"]
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ def job_config(ws, out: str, *extra: str) -> ScoreCorpusConfig:
             f"corpus.uri={ws['corpus']}",
             f"output.uri={out}",
             f"fit.uri={FIT_URI}",
+            "fit.start=0",
             "fit.size=40",
             "extract.batch_size=8",
             "extract.shard_size=8",
@@ -54,7 +55,7 @@ def job_config(ws, out: str, *extra: str) -> ScoreCorpusConfig:
     )
 
 
-def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
+def test_job_matches_in_process_reference(local_ray, workspace, tmp_path, capsys):
     out = tmp_path / "out"
     summary = ray_job.run_score_corpus(job_config(workspace, str(out)))
 
@@ -94,6 +95,15 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path):
     assert [r["rank"] for r in scores] == list(range(1, 19))
     assert all(a["ood_score"] >= b["ood_score"] for a, b in zip(scores, scores[1:], strict=False))
     assert summary["top10"] == [r["id"] for r in scores[:10]]
+    # the prevalence floor: one calibration row of part 2 more or less moves it, and the run states it
+    floor = summary["prevalence_floor"]
+    assert floor["n_calibration"] == n_cal[1] and floor["min_p_value"] == 1 / (n_cal[1] + 1)
+    assert floor["share"] == pytest.approx(1 / ((n_cal[1] + 1) * 0.05)) and floor["method"] == "bh"
+    assert json.loads((out / "runs" / "night" / "summary.json").read_text())["prevalence_floor"] == floor
+    report = (out / "runs" / "night" / "report.html").read_text()
+    assert f"{100 * floor['share']:.2f} % (smallest p-value" in report
+    printed = capsys.readouterr().out
+    assert f"flags can fire only on a night with at least {100 * floor['share']:.2f} % OOD rows" in printed
 
     # a rerun reuses the detector; another shard layout gives the same scores
     again = ray_job.run_score_corpus(
@@ -213,6 +223,7 @@ def test_demo_corpus_run_reports_auroc_per_source(local_ray, workspace, tmp_path
             str(tmp_path / "out"),
             "corpus.uri=demo",
             "corpus.demo_rows_per_source=10",
+            "corpus.demo_id_rows=10",
             "extract.group_size=5",
             "extract.batch_size=10",
         )
@@ -227,3 +238,10 @@ def test_demo_corpus_run_reports_auroc_per_source(local_ray, workspace, tmp_path
             assert row[score]["n_id"] == 1 and row[score]["n_ood"] >= 1
     scores = storage.read_parquet(str(tmp_path / "out" / "runs" / "night" / "scores"))
     assert sum(demo["flagged"].values()) == summary["flagged"] == sum(scores.column("flagged").to_pylist())
+    # per source: its share of the night's sets, its power, and the false discoveries
+    assert demo["false_discoveries"] == demo["flagged"]["fashion_mnist"]
+    for name in demo["sources"]:
+        assert demo["power"][name] == demo["flagged"][name] / demo["rows"][name]
+        assert demo["ood_share"][name] == demo["rows"][name] / (
+            summary["feature_rows"] - demo["mixed_sets_left_out"]
+        )

@@ -134,6 +134,7 @@ def run(*, checkpoint, corpus, out, detector, fit=S3["fit"], extra=()) -> dict:
         f"model.checkpoint={checkpoint}",
         f"corpus.uri={corpus}",
         f"fit.uri={fit}",
+        "fit.start=0",
         f"fit.size={FIT_ROWS}",
         f"output.uri={out}",
         f"output.detector_uri={detector}",

@@ -14,6 +14,73 @@ from gradood.stats import (
     fdr_flags,
     q_values_from_index,
 )
+from gradood.stats.conformal import EqualTailedCalibrator, prevalence_floor, storey_pi0
+
+
+def test_equal_tailed_p_values_follow_the_definition_with_ties():
+    rng = np.random.default_rng(10)
+    cal, scores = rng.integers(0, 20, 300).astype(float), rng.integers(-2, 23, 500).astype(float)
+    high = np.array([(1 + np.sum(cal >= s)) / 301 for s in scores])
+    low = np.array([(1 + np.sum(cal <= s)) / 301 for s in scores])
+    expected = np.minimum(1.0, 2 * np.minimum(high, low))
+    calibrator = EqualTailedCalibrator(cal)
+    np.testing.assert_allclose(calibrator.p_value(scores), expected, rtol=0, atol=1e-15)
+    # the index keeps p = k / (n + 1), so the run's histogram of k still gives BH
+    np.testing.assert_allclose(calibrator.p_index(scores) / 301, expected, rtol=0, atol=1e-15)
+    assert calibrator.min_p_value == 2 / 301
+    assert ConformalCalibrator.from_dict(calibrator.to_dict()).p_value(scores).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1])
+def test_equal_tailed_p_values_are_valid_on_a_skewed_null_and_see_both_tails(alpha):
+    """On a skewed null (log-likelihoods have a long low tail) the equal-tailed p-value rejects at most
+    alpha; a row far below every calibration score gets p = 2 / (n + 1), where one tail would give 1."""
+    rng = np.random.default_rng(11)
+    n, reps = 39, 6_000
+    cal = -rng.gamma(1.5, size=(reps, n))
+    test = -rng.gamma(1.5, size=reps)
+    p = np.array([EqualTailedCalibrator(c).p_value([s])[0] for c, s in zip(cal, test, strict=True)])
+    rate = np.mean(p <= alpha)
+    assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / reps)
+    assert rate >= alpha - 0.05 - 3 * np.sqrt(alpha / reps)  # not vacuous: close to alpha from below
+    calibrator = EqualTailedCalibrator(cal[0])
+    far = np.array([cal[0].min() - 10.0, cal[0].max() + 10.0])
+    np.testing.assert_array_equal(calibrator.p_value(far), [2 / (n + 1), 2 / (n + 1)])
+    assert ConformalCalibrator(cal[0]).p_value(far[:1])[0] == 1.0  # one tail misses the low row
+    # the smooth tail falls on both sides, below log(2 / (n + 1)) beyond the calibration range
+    log_tail = calibrator.log_tail(far)
+    assert (log_tail < np.log(2 / (n + 1))).all()
+    sides = calibrator.side_log_tails(far)
+    assert sides[0, 1] < sides[0, 0] and sides[1, 0] < sides[1, 1]
+
+
+def test_storey_q_values_are_bh_at_q_over_pi0_and_pi0_follows_its_definition():
+    rng = np.random.default_rng(12)
+    n_cal = 200
+    k = np.concatenate([rng.integers(1, n_cal + 2, size=400), np.ones(100, np.int64)])
+    p = k / (n_cal + 1)
+    pi0 = min(1.0, (1 + np.sum(p > 0.5)) / (len(p) * 0.5))
+    counts = np.bincount(k, minlength=n_cal + 2)[1:]
+    assert storey_pi0(counts) == pytest.approx(pi0, rel=1e-12)
+    assert pi0 < 1  # a fifth of the rows are discoveries: the estimate is below one
+    q = q_values_from_index(k, n_cal, FdrMethod.storey)
+    np.testing.assert_allclose(q, np.minimum(1.0, pi0 * false_discovery_control(p)), rtol=1e-12)
+    assert fdr_flags(q, 0.05).sum() >= fdr_flags(q_values_from_index(k, n_cal), 0.05).sum()
+
+
+@pytest.mark.parametrize("method", ["bh", "by"])
+def test_no_night_below_the_prevalence_floor_gets_a_flag(method):
+    """With n_cal = 999 the smallest p is 0.001, so at q = 0.05 BH needs 2 % OOD rows at that p-value:
+    20 of 1,000 are all flagged, 19 none (BY divides q by sum 1/i)."""
+    n_cal, m, q = 999, 1000, 0.05
+    floor = prevalence_floor(1 / (n_cal + 1), q, FdrMethod(method), m)
+    c_m = 1.0 if method == "bh" else np.sum(1 / np.arange(1, m + 1))
+    assert floor == pytest.approx(0.001 * c_m / q)
+    k_ood = int(np.ceil(floor * m - 1e-9))
+    for n_ood, expected in ((k_ood, k_ood), (k_ood - 1, 0)):
+        k = np.r_[np.ones(n_ood, np.int64), np.full(m - n_ood, 600)]
+        flagged = fdr_flags(q_values_from_index(k, n_cal, FdrMethod(method)), q)
+        assert flagged.sum() == expected
 
 
 def test_p_values_follow_the_definition_with_ties():
@@ -87,7 +154,7 @@ def test_flags_are_the_rows_bh_rejects():
         fdr_flags(q, 0.0)
 
 
-@pytest.mark.parametrize("method", ["bh", "by"])
+@pytest.mark.parametrize("method", ["bh", "storey", "by"])
 def test_bh_on_conformal_p_values_controls_the_fdr_on_mixtures(method):
     """Repeated nights: 400 ID rows and 40 shifted OOD rows, calibration of 1000 ID rows each time (BY's
     extra factor, about 6.7 here, needs that resolution to flag anything)."""

@@ -23,6 +23,7 @@ from gradood.stats import (
     log_features,
 )
 from gradood.stats.detectors import ood_test_from_dict
+from gradood.stats.suite import TAIL_ORDER
 
 NAMES = [f"layer{j}.weight" for j in range(5)]
 
@@ -106,6 +107,35 @@ def test_simple_tests_match_their_formulas():
         GradNorm().fit(logs).ood_score(logs), np.log(np.exp(logs).sum(axis=1)), rtol=1e-12
     )
     assert GradNorm().fit(logs).ood_score(logs)[0] == pytest.approx(logsumexp(logs[0]))
+    # typicality's signed statistic: positive = less likely than typical, |statistic| = ood_score
+    np.testing.assert_allclose(typ.statistic(test_lp), -test_lp[:, 0] - typ.entropy_, rtol=1e-12)
+    assert Typicality.two_sided and not NegLogLikelihood.two_sided and not GradNorm.two_sided
+
+
+def test_the_suite_calibrates_typicality_on_both_tails_and_names_the_side():
+    """A row far *more likely* than every calibration row is as far out for typicality as one far less
+    likely: p = 2 / (n + 1) on both sides (one tail would give the too-likely row p = 1), and the
+    adaptive test's inputs and drivers keep the sides apart."""
+    rng = np.random.default_rng(8)
+    fit = rng.normal(size=(2000, 4))
+    fit[:, -1] = -800 - 20 * rng.gamma(2.0, size=2000)  # skewed log-likelihood: a long unlikely tail
+    suite = DetectorSuite(combination="adaptive", calibration_fraction=0.8, part_2_fraction=0.5).fit(fit)
+    rows = np.zeros((3, 4))
+    rows[:, -1] = [fit[:, -1].max() + 200, fit[:, -1].min() - 200, np.median(fit[:, -1])]
+    result = suite.score_all(rows, combined=False)
+    n = suite.calibration_size("typicality")
+    assert n == suite.n_calibration_[0] and suite.calibrator("typicality").min_p_value == 2 / (n + 1)
+    p = result["typicality"]["p_index"] / (n + 1)
+    np.testing.assert_array_equal(p[:2], [2 / (n + 1), 2 / (n + 1)])
+    assert p[2] > 0.5
+    assert (result["typicality"]["score"][:2] > result["typicality"]["score"][2]).all()
+    tails = suite.tails(rows)
+    low, high = (TAIL_ORDER.index(f"typicality:{side}") for side in ("low", "high"))
+    assert tails[0, low] > 5 and tails[0, high] == 0  # too likely: only the low side is out
+    assert tails[1, high] > 5 and tails[1, low] == 0
+    night = suite.night(suite.tails(fit[:200]), 1.0, seed=0)
+    drivers = suite.score_all(rows, night)["driver"]
+    assert drivers[0] == "typicality:low"  # the too-likely row is flagged by its low side
 
 
 @pytest.mark.parametrize("cls", [DiagonalGaussian, FisherLayers, ShrinkageGaussian, Typicality])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from gradood.config import CONF_DIR, ModelConfig, TrainConfig, TrainJobConfig, load_config
+from gradood.config import CONF_DIR, ModelConfig, ScoreCorpusConfig, TrainConfig, TrainJobConfig, load_config
 from gradood.models import build_model
 from gradood.models.checkpoint import load_checkpoint, model_fingerprint
 from gradood.models.glow import ActNorm
@@ -204,8 +204,13 @@ def test_shipped_configs_load(name):
     assert cfg.train.batch_size % cfg.train.num_workers == 0
 
 
-def test_shipped_checkpoint_matches_the_default_config():
-    cfg = load_config(TrainJobConfig, [CONF_DIR / "train.yaml"])
+@pytest.mark.parametrize("family", [None, "glow", "ddpm", "vae", "pixelcnn"])
+def test_shipped_checkpoint_matches_the_default_config(family):
+    """Every shipped checkpoint's weights come from its family's default training settings (None: the
+    training job without model=)."""
+    cfg = load_config(
+        TrainJobConfig, [CONF_DIR / "train.yaml"], [] if family is None else [f"model={family}"]
+    )
     _, meta = load_checkpoint(CONF_DIR.parent / cfg.model.checkpoint)
     assert meta["params"] == build_model(cfg.model.name, cfg.model.params).hparams()
     trained_with = meta["training"]["config"]
@@ -223,6 +228,19 @@ def test_shipped_checkpoint_matches_the_default_config():
     assert {k: trained_with["train"][k] for k in weight_settings} == {
         k: getattr(cfg.train, k) for k in weight_settings
     }
+
+
+@pytest.mark.parametrize("family", ["glow", "ddpm", "vae", "pixelcnn"])
+def test_no_shipped_checkpoint_trained_on_the_default_fit_and_calibration_rows(family):
+    """The detector's held-out rows must be rows the model never saw, or its p-values are not valid: the
+    default fit set (train rows 50,000-59,999) lies outside every checkpoint's recorded training rows."""
+    cfg = load_config(ScoreCorpusConfig, [CONF_DIR / "score_corpus.yaml"], [f"model={family}"])
+    _, meta = load_checkpoint(CONF_DIR.parent / cfg.model.checkpoint)
+    data = meta["training"]["data"]
+    assert data["uri"] == cfg.fit.uri
+    trained = range(data["start"], data["start"] + data["rows"])
+    held_out = range(cfg.fit.start, cfg.fit.start + cfg.fit.size)
+    assert trained.stop <= held_out.start or held_out.stop <= trained.start, (trained, held_out)
 
 
 # --- the Ray Train job --------------------------------------------------------------------------

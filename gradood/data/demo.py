@@ -241,30 +241,37 @@ def build_image_corpus(
     seed: int = 0,
     id_start: int = 5000,
     include_corrupt: bool = False,
+    id_rows: int | None = None,
 ) -> dict:
     """Write ``rows_per_source`` PNGs per source under ``out_dir/<source>/``; the corpus's manifest.
 
     ``out_dir`` is a local path or a pyarrow filesystem URI (``s3://bucket/prefix``).
 
-    ``include_corrupt`` adds a ``corrupt`` folder (the corpus's first PNG cut in half, and an empty
-    file) for the error path. Nothing is written when a corpus with the same parameters is there.
-    Rebuilding replaces every folder a registry source (or the corrupt files) would use, so neither
-    files of an earlier, larger build nor folders of sources no longer selected linger. The manifest is
-    written last: an interrupted build is redone on the next call.
+    ``id_rows`` (default ``rows_per_source``) sets the in-distribution source's count apart, so a corpus can
+    be what a night is, mostly in-distribution; the FashionMNIST-derived OOD sources read the test rows
+    after the in-distribution block. ``include_corrupt`` adds a ``corrupt`` folder (the corpus's first PNG
+    cut in half, and an empty file) for the error path. Nothing is written when a corpus with the same
+    parameters is there. Rebuilding replaces every folder a registry source (or the corrupt files) would
+    use, so neither files of an earlier, larger build nor folders of sources no longer selected linger.
+    The manifest is written last: an interrupted build is redone on the next call.
     """
     selected = [_source(name) for name in sources]
     names = [source.name for source in selected]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"sources must be a non-empty list of distinct names, got {names}")
     n = rows_per_source
-    if n < 1 or id_start < 0:
-        raise ValueError(f"need rows_per_source >= 1 and id_start >= 0, got {n} and {id_start}")
+    n_id = n if id_rows is None else id_rows
+    if n < 1 or n_id < 1 or id_start < 0:
+        raise ValueError(
+            f"need rows_per_source >= 1, id_rows >= 1 and id_start >= 0, got {n}, {n_id} and {id_start}"
+        )
     out = storage.absolute(str(out_dir))
     params = {
         "sources": names,
         "rows_per_source": n,
         "seed": seed,
         "id_start": id_start,
+        "id_rows": n_id,
         "include_corrupt": include_corrupt,
         "version": _FORMAT_VERSION,
     }
@@ -276,18 +283,21 @@ def build_image_corpus(
 
     blocks = max((s.row_block + 1 for s in selected if s.row_block is not None), default=0)
     test_images = load_fashion_mnist("test")[0] if blocks else np.empty((0, 28, 28), np.uint8)
-    if blocks and id_start + blocks * n > len(test_images):
+    end = id_start + n_id + (blocks - 1) * n
+    if blocks and end > len(test_images):
         raise ValueError(
-            f"sources {names} need FashionMNIST test rows [id_start, id_start + {blocks} * rows_per_source) "
-            f"= [{id_start}, {id_start + blocks * n}), but the test split has {len(test_images)} rows"
+            f"sources {names} need FashionMNIST test rows [{id_start}, {end}) (id_rows {n_id}, then "
+            f"rows_per_source {n} per derived source), but the test split has {len(test_images)} rows"
         )
     folders: dict[str, dict[str, bytes]] = {}
     for source in selected:
-        first_row = id_start + (source.row_block or 0) * n
-        images = source.build(n, seed, test_images, first_row)
+        block = source.row_block or 0
+        first_row = id_start + (0 if block == 0 else n_id + (block - 1) * n)
+        rows = n_id if source.far_ood is None else n
+        images = source.build(rows, seed, test_images, first_row)
         folders[source.name] = {
             file_name: _png(image)
-            for file_name, image in zip(source.file_names(n, first_row), images, strict=True)
+            for file_name, image in zip(source.file_names(rows, first_row), images, strict=True)
         }
     if include_corrupt:
         real_png = next(iter(folders[names[0]].values()))
@@ -315,11 +325,22 @@ def build_image_corpus(
 
 
 def build_demo_corpus(
-    out_dir: str | Path, rows_per_source: int = 500, seed: int = 0, id_start: int = 5000
+    out_dir: str | Path,
+    rows_per_source: int = 50,
+    seed: int = 0,
+    id_start: int = 5000,
+    id_rows: int = 2000,
 ) -> dict:
-    """The demo corpus (FashionMNIST, the three demo OOD sources, two corrupt files); its manifest."""
+    """The demo corpus, a night as a lake has them: ``id_rows`` held-out FashionMNIST images and
+    ``rows_per_source`` of each demo OOD source (a few % each), plus two corrupt files; its manifest."""
     return build_image_corpus(
-        out_dir, (DEMO_ID_SOURCE, *DEMO_OOD_SOURCES), rows_per_source, seed, id_start, include_corrupt=True
+        out_dir,
+        (DEMO_ID_SOURCE, *DEMO_OOD_SOURCES),
+        rows_per_source,
+        seed,
+        id_start,
+        include_corrupt=True,
+        id_rows=id_rows,
     )
 
 

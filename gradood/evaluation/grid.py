@@ -21,6 +21,7 @@ from PIL import Image
 from gradood.config import CONF_DIR, EvaluateConfig, ScoreCorpusConfig, load_config
 from gradood.data.demo import DEMO_ID_SOURCE, build_image_corpus, demo_source_of, source_info
 from gradood.data.sources import load_all, open_source
+from gradood.evaluation.nights import NightPool
 from gradood.pipeline import storage
 from gradood.pipeline.stages import SPLIT_STREAM
 from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, suite_feature_names
@@ -57,7 +58,9 @@ def build_corpus(cfg: EvaluateConfig, out: str) -> tuple[str, dict[str, bool]]:
     """The evaluation corpus (public sources as PNG folders) and each OOD source's far/near flag."""
     ev = cfg.evaluate
     corpus = str(Path(out) / "corpus")
-    manifest = build_image_corpus(corpus, [DEMO_ID_SOURCE, *ev.sources], ev.rows_per_source, seed=cfg.seed)
+    manifest = build_image_corpus(
+        corpus, [DEMO_ID_SOURCE, *ev.sources], ev.rows_per_source, seed=cfg.seed, id_rows=ev.id_rows
+    )
     far = {name: bool(source_info(name)["far_ood"]) for name in manifest["ood_sources"]}
     for name, uri in ev.extra_sources.items():
         export_as_pngs(uri, Path(corpus) / name, ev.rows_per_source)
@@ -114,14 +117,18 @@ def _suite_variant(
     fit_x: np.ndarray, part: np.ndarray, names: list[str], cfg: ScoreCorpusConfig, **params: Any
 ) -> DetectorSuite:
     return DetectorSuite(
-        min_std=cfg.fit.min_std, calibration_fraction=cfg.fit.calibration_fraction, **params
+        min_std=cfg.fit.min_std,
+        calibration_fraction=cfg.fit.calibration_fraction,
+        part_2_fraction=cfg.fit.part_2_fraction,
+        **params,
     ).fit_parts(Moments.from_values(fit_x[part == 0]), fit_x[part == 1], fit_x[part == 2], names)
 
 
 def detector_scores(
     run_cfg: ScoreCorpusConfig, run_uri: str, bergamin: bool
-) -> tuple[pd.DataFrame, dict[str, Scored]]:
-    """The run's feature rows (id, source) and every detector's scores over them."""
+) -> tuple[pd.DataFrame, dict[str, Scored], NightPool]:
+    """The run's feature rows (id, source), every detector's scores over them, and the rows as a pool
+    to draw realistic nights from."""
     out = run_cfg.output.uri
     detector = storage.read_json(storage.join(out, "detector.json"))
     layers, floor = detector["layers"], run_cfg.fit.min_sqnorm
@@ -172,7 +179,15 @@ def detector_scores(
             "source": [next(iter(s)) if len(s) == 1 else "mixed" for s in sources],
         }
     )
-    return rows, found
+    pool = NightPool(
+        rows["source"].to_numpy(),
+        rows["id"].tolist(),
+        suite.tails(x),
+        suite,
+        run_cfg.seed,
+        run_cfg.detect.adaptive_rows,
+    )
+    return rows, found, pool
 
 
 def bergamin_scores(
@@ -191,7 +206,11 @@ def bergamin_scores(
     b, seed = run_cfg.extract.group_size, run_cfg.seed
     fit_rows = load_rows(run_cfg.fit.uri, model, start=run_cfg.fit.start, limit=run_cfg.fit.size)
     fit_ids = fit_table.column("id").to_pylist()
-    part = split_of(row_uniforms(seed, fit_ids, SPLIT_STREAM), run_cfg.fit.calibration_fraction)
+    part = split_of(
+        row_uniforms(seed, fit_ids, SPLIT_STREAM),
+        run_cfg.fit.calibration_fraction,
+        run_cfg.fit.part_2_fraction,
+    )
     fisher = fit_fisher(model, fit_rows, {i for i, k in zip(fit_ids, part, strict=True) if k == 0}, b, seed)
     fit_stat = log_score_statistic(model, fit_rows, fisher, b, seed)
     corpus_rows = load_all(open_source(run_cfg.corpus.uri), _converter(model))

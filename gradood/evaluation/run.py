@@ -12,10 +12,19 @@ import pandas as pd
 import pyarrow as pa
 
 from gradood.config import EvaluateConfig
-from gradood.evaluation.grid import DEFAULT_DETECTOR, build_corpus, detector_scores, grid_rows, run_configs
+from gradood.data.demo import DEMO_ID_SOURCE
+from gradood.evaluation.grid import (
+    DEFAULT_DETECTOR,
+    build_corpus,
+    detector_scores,
+    grid_rows,
+    run_configs,
+)
+from gradood.evaluation.nights import NightPool, night_metrics, summarise_nights
 from gradood.pipeline import storage
 from gradood.pipeline.extract import init_ray, log
 from gradood.pipeline.ray_job import run_score_corpus
+from gradood.stats.conformal import Combination
 
 
 def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> dict[str, Any]:
@@ -24,7 +33,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
     corpus, far = build_corpus(cfg, out)
     configs = run_configs(cfg, overrides, corpus, out)
     init_ray(configs[0].ray.num_cpus, configs[0].extract.num_workers * configs[0].extract.cpus_per_worker + 1)
-    metrics, scores, validity, seconds = [], [], [], {}
+    metrics, scores, validity, nights, seconds = [], [], [], [], {}
     for run_cfg in configs:
         family, group_size = run_cfg.model.name, run_cfg.extract.group_size
         t0 = time.perf_counter()
@@ -33,13 +42,17 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # the Ray workers are idle while the driver scores
-        rows, found = detector_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
+        rows, found, pool = detector_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
         m, s, v = grid_rows(family, group_size, rows, found, far, cfg.evaluate.fdr, list(cfg.evaluate.alphas))
+        if group_size == 1:
+            log(f"evaluate: {family}, realistic nights")
+            nights += [{"family": family, **row} for row in realistic_nights(cfg, rows, far, pool)]
         metrics += m
         scores += s
         validity += v
         seconds[f"{family}_b{group_size}"] = time.perf_counter() - t0
     tables = {
+        "nights": pa.Table.from_pandas(pd.DataFrame(nights), preserve_index=False),
         "metrics": pa.Table.from_pandas(pd.DataFrame(metrics), preserve_index=False),
         "scores": pa.Table.from_pandas(pd.concat(scores, ignore_index=True), preserve_index=False),
         "calibration": pa.Table.from_pandas(pd.DataFrame(validity), preserve_index=False),
@@ -50,6 +63,13 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
 
     frame = tables["metrics"].to_pandas()
     ranking = family_ranking(frame)
+    night_summary = summarise_nights(tables["nights"].to_pandas()) if nights else pd.DataFrame()
+    if nights:
+        storage.write_parquet(
+            pa.Table.from_pandas(night_summary, preserve_index=False),
+            storage.join(out, "nights_summary.parquet"),
+        )
+        storage.write_text(storage.join(out, "nights.md"), nights_markdown(night_summary, cfg.evaluate.fdr))
     notes = [
         "Default model family by the grid (mean B=1 AUROC of the default detector over all OOD sources): "
         + ", ".join(f"{f} {v:.3f}" for f, v in ranking.items()),
@@ -71,7 +91,45 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
     storage.write_json(storage.join(out, "summary.json"), summary)
     log(f"evaluation report: {paths['html']} (markdown {paths['markdown']})")
     print_headline(frame)
+    if nights:
+        log("realistic nights, default detector, BH:\n" + nights_markdown(night_summary, cfg.evaluate.fdr))
     return summary
+
+
+def realistic_nights(
+    cfg: EvaluateConfig, rows: pd.DataFrame, far: dict[str, bool], pool: NightPool
+) -> list[dict]:
+    """Metric rows of the realistic nights of one B=1 run (every far-OOD source, every prevalence); an
+    adaptive suite only, since a fixed one has no night to learn."""
+    if Combination(pool.suite.combination) is not Combination.adaptive:
+        return []
+    present = set(rows["source"])
+    ev = cfg.evaluate
+    far_sources = [name for name, is_far in far.items() if is_far and name in present]
+    return list(night_metrics(pool, far_sources, DEMO_ID_SOURCE, ev.night_rows, ev.night_draws, ev.fdr))
+
+
+def nights_markdown(summary: pd.DataFrame, fdr: float) -> str:
+    """Per family, far-OOD source and OOD share: the default detector's BH power and FDP (mean ± std over
+    draws), TPR at FPR 0.1 % / 1 %, and Storey's power and FDP."""
+    default = summary[summary["detector"] == DEFAULT_DETECTOR]
+    lines = [
+        "| family | source | OOD share | BH power | BH FDP | Storey power | Storey FDP "
+        "| TPR@FPR 0.1 % | TPR@FPR 1 % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (family, source, prevalence), group in default.groupby(
+        ["family", "source", "prevalence"], sort=False
+    ):
+        by = {row["method"]: row for _, row in group.iterrows()}
+        bh, storey = by["bh"], by["storey"]
+        lines.append(
+            f"| {family} | {source} | {100 * prevalence:g} % "
+            f"| {bh['mean_power']:.2f} ± {bh['std_power']:.2f} "
+            f"| {bh['mean_fdp']:.3f} | {storey['mean_power']:.2f} | {storey['mean_fdp']:.3f} "
+            f"| {bh['mean_tpr_at_fpr_0.001']:.2f} | {bh['mean_tpr_at_fpr_0.01']:.2f} |"
+        )
+    return "\n".join(lines) + f"\n\n(q = {fdr:g}; {int(default['draws'].max())} draws per row)\n"
 
 
 def family_ranking(metrics: pd.DataFrame) -> dict[str, float]:

@@ -196,11 +196,12 @@ def run_extraction(
     cfg: ScoreCorpusConfig,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
     calibration_fraction: float | None = None,
+    part_2_fraction: float | None = None,
 ) -> ExtractionTotals:
     """Features of every row of ``source`` into ``out_uri/features`` (+ ``errors``), one file per shard.
 
-    ``calibration_fraction`` marks a fit-set run: rows get a ``split`` column and shard summaries carry
-    the moments of their fit rows.
+    ``calibration_fraction`` marks a fit-set run: rows get a ``split`` column (``part_2_fraction`` of them
+    in calibration part 2) and shard summaries carry the moments of their fit rows.
     """
     ex = cfg.extract
     use_gpu = ex.num_gpus_per_worker > 0
@@ -222,6 +223,7 @@ def run_extraction(
         image=dataclasses.asdict(cfg.image),
         torch_threads=ex.torch_threads,
         calibration_fraction=calibration_fraction,
+        part_2_fraction=part_2_fraction,
         use_gpu=use_gpu,
     )
     totals = ExtractionTotals()

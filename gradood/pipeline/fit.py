@@ -25,7 +25,7 @@ from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, SPLIT_COLUMN, feature_
 from gradood.stats.moments import Moments
 from gradood.stats.suite import DetectorSuite
 
-DETECTOR_FORMAT = 3
+DETECTOR_FORMAT = 4
 
 
 def fit_settings(cfg: ScoreCorpusConfig) -> dict[str, Any]:
@@ -37,6 +37,7 @@ def fit_settings(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "min_sqnorm": cfg.fit.min_sqnorm,
         "min_std": cfg.fit.min_std,
         "calibration_fraction": cfg.fit.calibration_fraction,
+        "part_2_fraction": cfg.fit.part_2_fraction,
         "components": [c.value for c in cfg.detect.components],
         "combination": cfg.detect.combination.value,
         "seed": cfg.seed,
@@ -49,8 +50,8 @@ def check_detector(detector: dict[str, Any], fingerprint: str, group_size: int, 
     if detector.get("format_version") != DETECTOR_FORMAT:
         raise ValueError(
             f"detector {where} has format_version {detector.get('format_version')!r}, this gradood reads "
-            f"format_version {DETECTOR_FORMAT} (calibrated tests and their calibration tails): refit it "
-            "with fit.refit=true"
+            f"format_version {DETECTOR_FORMAT} (equal-tailed two-sided tests, calibration tails of every "
+            "side): refit it with fit.refit=true"
         )
     if detector.get("model_fingerprint") != fingerprint:
         raise ValueError(
@@ -111,6 +112,7 @@ def fit_detector(
         cfg,
         on_shard=send,
         calibration_fraction=cfg.fit.calibration_fraction,
+        part_2_fraction=cfg.fit.part_2_fraction,
     )
     features_uri = storage.join(fit_out, "features")
     moments = _reduced_moments(reducer, totals.shards, features_uri, layer_names, cfg.fit.min_sqnorm)
@@ -129,6 +131,7 @@ def fit_detector(
         combination=cfg.detect.combination.value,
         min_std=cfg.fit.min_std,
         calibration_fraction=cfg.fit.calibration_fraction,
+        part_2_fraction=cfg.fit.part_2_fraction,
         random_state=cfg.seed,
     ).fit_parts(
         moments,

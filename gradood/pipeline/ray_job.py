@@ -38,7 +38,7 @@ from gradood.pipeline.publish import (
     write_manifest,
 )
 from gradood.pipeline.report import write_run_report
-from gradood.pipeline.score import SCORE_CONVENTION, score_run
+from gradood.pipeline.score import SCORE_CONVENTION, flag_floor, score_run
 from gradood.pipeline.summary import demo_report, print_summary
 
 
@@ -70,7 +70,12 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
         from gradood.data.demo import build_demo_corpus
 
         corpus_uri = storage.join(out, "demo_corpus")
-        build_demo_corpus(corpus_uri, rows_per_source=cfg.corpus.demo_rows_per_source, seed=cfg.seed)
+        build_demo_corpus(
+            corpus_uri,
+            rows_per_source=cfg.corpus.demo_rows_per_source,
+            seed=cfg.seed,
+            id_rows=cfg.corpus.demo_id_rows,
+        )
     incremental = cfg.run.incremental
     torchvision = urlsplit(corpus_uri).scheme == TORCHVISION_SCHEME
     if incremental and (torchvision or cfg.corpus.limit is not None):
@@ -171,6 +176,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "flagged_by_driver": scores.flagged_by_driver,
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
+        "prevalence_floor": flag_floor(detector, cfg, scores.complete_sets),
         "drift": scores.drift,
         "top10": [row["id"] for row in scores.top[:10]],
         "seconds": {  # wall-clock per stage; "extract" includes planning the shards

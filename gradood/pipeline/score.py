@@ -36,7 +36,7 @@ from gradood.pipeline.ranking import (
 )
 from gradood.pipeline.scoring import Scorer, TailSampler
 from gradood.stats.adaptive import AdaptiveNight, training_rate
-from gradood.stats.conformal import Combination
+from gradood.stats.conformal import Combination, prevalence_floor
 from gradood.stats.drift import RankSumDrift
 from gradood.stats.suite import TAIL_ORDER, DetectorSuite
 
@@ -57,6 +57,23 @@ def calibration_scores(detector: dict[str, Any], test: str, night: AdaptiveNight
 
 def calibration_size(detector: dict[str, Any], test: str) -> int:
     return len(calibration_scores(detector, test, None))
+
+
+def flag_floor(detector: dict[str, Any], cfg: ScoreCorpusConfig, night_rows: int) -> dict[str, Any]:
+    """The smallest OOD share of a night at which its flags can fire (the p-values' resolution)."""
+    test = cfg.detect.detector.value
+    n = calibration_size(detector, test)
+    sides = 1 if test == "combined" else int(detector["suite"]["calibration"][test].get("sides", 1))
+    min_p = min(1.0, sides / (n + 1))
+    share = prevalence_floor(min_p, cfg.flag.fdr, cfg.flag.method, night_rows)
+    return {
+        "test": test,
+        "n_calibration": n,
+        "min_p_value": min_p,
+        "fdr": cfg.flag.fdr,
+        "method": cfg.flag.method.value,
+        "share": share,
+    }
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,8 @@ class ExtractSettings:
     torch_threads: int = 1
     #: fit-set runs: share of rows held out for calibration (a ``split`` column, moments of fit rows only)
     calibration_fraction: float | None = None
+    #: fit-set runs: share of all rows in calibration part 2 (None: half the held-out share)
+    part_2_fraction: float | None = None
     #: the actor was given a GPU (num_gpus > 0); only then is CUDA touched
     use_gpu: bool = False
 
@@ -279,7 +281,9 @@ class ShardFeatureWriter:
         feats, errors = drop_non_finite(feats, rows.errors)
         split = None
         if s.calibration_fraction is not None:
-            split = split_of(row_uniforms(s.seed, feats.ids, SPLIT_STREAM), s.calibration_fraction)
+            split = split_of(
+                row_uniforms(s.seed, feats.ids, SPLIT_STREAM), s.calibration_fraction, s.part_2_fraction
+            )
             split[feats.n_rows < s.group_size] = INCOMPLETE_SET_SPLIT
         table = feature_table(
             feats.ids,

@@ -44,7 +44,16 @@ def demo_report(scores: pa.Table, detector: str) -> dict[str, Any]:
     }
     n_flagged = int(flagged[sources != "mixed"].sum())
     id_flagged = report["flagged"][DEMO_ID_SOURCE]
+    report["false_discoveries"] = id_flagged
     report["false_discovery_proportion"] = id_flagged / n_flagged if n_flagged else 0.0
+    report["rows"] = {name: int((sources == name).sum()) for name in (DEMO_ID_SOURCE, *DEMO_OOD_SOURCES)}
+    report["ood_share"] = {
+        name: report["rows"][name] / max(1, int((sources != "mixed").sum())) for name in DEMO_OOD_SOURCES
+    }
+    report["power"] = {
+        name: report["flagged"][name] / report["rows"][name] if report["rows"][name] else 0.0
+        for name in DEMO_OOD_SOURCES
+    }
     for name in DEMO_OOD_SOURCES:
         row: dict[str, Any] = {}
         for column in ("ood_score", BASELINE):
@@ -70,6 +79,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"flagged {summary['flagged']} of {summary['feature_rows']} rows at a false-discovery rate of "
         f"{summary['fdr']} ({summary['fdr_method']}, detector {summary['detector']})"
     )
+    floor = summary["prevalence_floor"]
+    log(
+        f"prevalence floor: flags can fire only on a night with at least {100 * floor['share']:.2f} % OOD "
+        f"rows (smallest p-value {floor['min_p_value']:.2g} from {floor['n_calibration']} calibration rows "
+        f"at fdr {floor['fdr']:g}, {floor['method']}); more calibration rows lower it"
+    )
     if summary["flagged_by_driver"]:
         drivers = ", ".join(f"{name} {n}" for name, n in summary["flagged_by_driver"].items())
         log(f"flagged rows by the test that drove their p-value: {drivers}")
@@ -94,15 +109,17 @@ def print_summary(summary: dict[str, Any]) -> None:
     log("FPR@95 = share of OOD rows accepted at the threshold that accepts 95% of ID rows (ID positive):")
     name = demo["detector"]
     log(
-        f"  {'OOD source':<24}{'AUROC ' + name:>16}{'AUROC typicality':>18}"
-        f"{'FPR@95 ' + name:>17}{'flagged':>9}"
+        f"  {'OOD source':<24}{'share':>7}{'AUROC ' + name:>16}{'AUROC typicality':>18}"
+        f"{'FPR@95 ' + name:>17}{'flagged':>9}{'power':>7}"
     )
     for source, row in demo["sources"].items():
         log(
-            f"  {source:<24}{row['ood_score']['auroc']:>16.4f}{row[BASELINE]['auroc']:>18.4f}"
-            f"{row['ood_score']['fpr_at_95_tpr']:>17.4f}{demo['flagged'][source]:>9}"
+            f"  {source:<24}{100 * demo['ood_share'][source]:>6.1f}%{row['ood_score']['auroc']:>16.4f}"
+            f"{row[BASELINE]['auroc']:>18.4f}{row['ood_score']['fpr_at_95_tpr']:>17.4f}"
+            f"{demo['flagged'][source]:>9}{demo['power'][source]:>7.2f}"
         )
     log(
-        f"  held-out FashionMNIST rows flagged: {demo['flagged']['fashion_mnist']}; false-discovery "
-        f"proportion of the flags {demo['false_discovery_proportion']:.4f} (target <= {summary['fdr']})"
+        f"  false discoveries (held-out FashionMNIST rows flagged): {demo['false_discoveries']} of "
+        f"{demo['rows']['fashion_mnist']}; false-discovery proportion of the flags "
+        f"{demo['false_discovery_proportion']:.4f} (target <= {summary['fdr']} on average over nights)"
     )

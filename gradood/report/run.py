@@ -40,6 +40,10 @@ def _counts(summary: Mapping[str, Any]) -> str:
             summary["feature_rows"],
         ],
         [f"flagged at FDR {summary['fdr']:g} ({summary['fdr_method']})", summary["flagged"]],
+        [
+            "prevalence floor: the smallest share of OOD rows a night can be flagged at",
+            _floor(summary.get("prevalence_floor")),
+        ],
         ["incomplete sets (not flagged)", summary["incomplete_sets"]],
         ["shards resumed from an earlier attempt", summary["resumed_shards"]],
     ]
@@ -57,6 +61,15 @@ def _counts(summary: Mapping[str, Any]) -> str:
             caption="Flagged rows by the test that drove them (its p-value is the row's smallest)",
         )
     return table
+
+
+def _floor(floor: Mapping[str, Any] | None) -> str:
+    if not floor:
+        return "unknown (a summary written before the floor was recorded)"
+    return (
+        f"{100 * floor['share']:.2f} % (smallest p-value {floor['min_p_value']:.2g} from "
+        f"{floor['n_calibration']} calibration rows; fewer OOD rows than this are never flagged)"
+    )
 
 
 def _drift(drift: Mapping[str, Any]) -> str:

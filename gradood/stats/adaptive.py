@@ -26,6 +26,7 @@ since both tails are functions of part 1 and of the unordered union only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,13 +144,18 @@ class AdaptiveNight:
     """One night's combined test: Fisher over the fixed combination's tail and the classifier's tail
     (both calibrated on part 1), with its own conformal calibration on part 2.
 
-    ``fixed_columns`` are the columns of the fixed combination's components; its statistic is Fisher's,
-    2 sum_k -log p~_k, as :func:`gradood.stats.conformal.combine_log_p` computes it.
+    ``fixed_columns`` holds, per component of the fixed combination, its columns of the tails: one (an
+    int) for a
+    one-sided test, (high, low) for a two-sided one, whose -log p~ is then the equal-tailed
+    max(0, max(high, low) - log 2). The fixed statistic is Fisher's, 2 sum_k -log p~_k, as
+    :func:`gradood.stats.conformal.combine_log_p` computes it.
     """
 
-    def __init__(self, calibration: CalibrationTails, fixed_columns: Sequence[int], **params: Any):
+    def __init__(
+        self, calibration: CalibrationTails, fixed_columns: Sequence[int | Sequence[int]], **params: Any
+    ):
         self.calibration = calibration
-        self.fixed_columns = np.asarray(fixed_columns, int)
+        self.fixed_columns = [np.atleast_1d(np.asarray(c, int)) for c in fixed_columns]
         self.params = params
 
     def fit(self, night_tails: np.ndarray, rate: float, seed: int) -> AdaptiveNight:
@@ -172,13 +178,21 @@ class AdaptiveNight:
         return self
 
     def _fixed(self, tails: np.ndarray) -> np.ndarray:
-        return 2.0 * tails[:, self.fixed_columns].sum(axis=1)
+        return 2.0 * sum(component_tail(tails, columns) for columns in self.fixed_columns)
 
     def statistic(self, tails: np.ndarray) -> np.ndarray:
         """The night's combined statistic of rows with -log p~ ``tails`` (higher = more OOD)."""
         tails = np.asarray(tails, np.float64)
         fixed = self.fixed_tail_.log_tail(self._fixed(tails))
         return -(fixed + self.adaptive_tail_.log_tail(self.model_.decision_function(tails)))
+
+
+def component_tail(tails: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """-log p~ of one test from its one-sided tail columns: the column itself, or for a two-sided test
+    (high, low) the equal-tailed -log min(1, 2 min(p~_high, p~_low))."""
+    if len(columns) == 1:
+        return tails[:, columns[0]]
+    return np.maximum(0.0, tails[:, columns].max(axis=1) - math.log(2.0))
 
 
 def adaptive_p_values(

@@ -6,8 +6,13 @@ are exchangeable, so calibration rows must never be rows a detector was fitted o
 night are positively dependent (PRDS; Bates et al. 2023), so Benjamini-Hochberg over them controls the
 false-discovery rate; Benjamini-Yekutieli holds under any dependence.
 
-Conformal p-values take only the n + 1 values k / (n + 1), k = 1 + #{calibration >= s}, so q-values
-follow from a histogram of k over the night (no sort of the whole night is needed).
+A two-sided statistic (one whose in-distribution values can be too low as well as too high, such as
+-log p(x), which likelihood models put too *low* for simple images) gets the equal-tailed conformal
+p-value p = min(1, 2 min(p_low, p_high)), each side conformal against the same calibration rows
+(:class:`EqualTailedCalibrator`); it stays valid, since P(p <= a) <= P(p_low <= a/2) + P(p_high <= a/2).
+
+Conformal p-values take only the n + 1 values k / (n + 1) (an equal-tailed one k = min(n + 1, 2 k_side)),
+so q-values follow from a histogram of k over the night (no sort of the whole night is needed).
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ import numpy as np
 
 
 class FdrMethod(StrEnum):
-    """Benjamini-Hochberg (PRDS p-values, as conformal ones are) or Benjamini-Yekutieli (any dependence)."""
+    """Benjamini-Hochberg (PRDS p-values, as conformal ones are), Storey's adaptive BH (BH at level
+    q / pi0_hat, pi0_hat the estimated in-distribution share; valid for conformal p-values, Marandon et
+    al. 2024) or Benjamini-Yekutieli (any dependence)."""
 
     bh = "bh"
+    storey = "storey"
     by = "by"
+
+
+#: Storey's lambda: pi0_hat = (1 + #{p > lambda}) / (m (1 - lambda))
+STOREY_LAMBDA = 0.5
 
 
 def _finite_1d(values: np.ndarray, what: str) -> np.ndarray:
@@ -105,7 +117,52 @@ class ConformalCalibrator:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConformalCalibrator:
+        if d.get("sides", 1) == 2:
+            return EqualTailedCalibrator(np.asarray(d["scores"], dtype=np.float64))
         return cls(np.asarray(d["scores"], dtype=np.float64))
+
+    def side_log_tails(self, scores: np.ndarray) -> np.ndarray:
+        """``[N, sides]`` smooth log p of each side (one column here: high scores are OOD)."""
+        return self.log_tail(scores)[:, None]
+
+    @property
+    def min_p_value(self) -> float:
+        """The smallest p-value this calibration can give: 1 / (n + 1)."""
+        return 1.0 / (self.n + 1)
+
+
+class EqualTailedCalibrator(ConformalCalibrator):
+    """Equal-tailed conformal p-values of a two-sided statistic: p = min(1, 2 min(p_low, p_high)).
+
+    ``p_high`` is the one-sided conformal p-value of s, ``p_low`` that of -s, against the same calibration
+    scores. The index is k = min(n + 1, 2 min(k_low, k_high)), so p = k / (n + 1) as for a one-sided test
+    and the run's q-values still come from a histogram of k; the smallest p is 2 / (n + 1).
+    """
+
+    def __init__(self, calibration_scores: np.ndarray):
+        super().__init__(calibration_scores)
+        self._low = ConformalCalibrator(-self.scores)
+
+    def p_index(self, scores: np.ndarray) -> np.ndarray:
+        s = _finite_1d(scores, "scores")
+        one_sided = np.minimum(super().p_index(s), self._low.p_index(-s))
+        return np.minimum(self.n + 1, 2 * one_sided)
+
+    def side_log_tails(self, scores: np.ndarray) -> np.ndarray:
+        """``[N, 2]``: the smooth log p of the high side and of the low side."""
+        s = _finite_1d(scores, "scores")
+        return np.column_stack([super().log_tail(s), self._low.log_tail(-s)])
+
+    def log_tail(self, scores: np.ndarray) -> np.ndarray:
+        """The smooth equal-tailed log p: min(0, log 2 + the smaller side's smooth log p)."""
+        return np.minimum(0.0, math.log(2.0) + self.side_log_tails(scores).min(axis=1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores.tolist(), "sides": 2}
+
+    @property
+    def min_p_value(self) -> float:
+        return min(1.0, 2.0 / (self.n + 1))
 
 
 def _tail_scale(sorted_scores: np.ndarray) -> float:
@@ -125,13 +182,29 @@ def conformal_p_values(calibration_scores: np.ndarray, scores: np.ndarray) -> np
     return ConformalCalibrator(calibration_scores).p_value(scores)
 
 
+def prevalence_floor(min_p_value: float, fdr: float, method: FdrMethod, m: int) -> float:
+    """The smallest share of a night's m rows that can be OOD and still give one flag.
+
+    BH flags the k rows with the smallest p-values only if p_(k) <= k q / m: if the OOD rows are a share
+    pi of the night and all reach the smallest possible p-value, they are flagged only when
+    min_p <= pi q, whatever m is. BY divides q by sum_{i<=m} 1/i. Storey's method runs BH at
+    q / pi0_hat, so its floor is pi0_hat times BH's; pi0_hat is near 1 on a mostly in-distribution night,
+    and the BH floor is what it is stated as.
+    """
+    if not 0 < fdr < 1:
+        raise ValueError(f"the false-discovery rate must be in (0, 1), got {fdr}")
+    c_m = float(np.sum(1.0 / np.arange(1, max(m, 1) + 1))) if FdrMethod(method) is FdrMethod.by else 1.0
+    return min(1.0, min_p_value * c_m / fdr)
+
+
 def q_values_from_index(
     p_index: np.ndarray, n_calibration: int, method: FdrMethod = FdrMethod.bh
 ) -> np.ndarray:
     """BH (or BY) adjusted p-values of conformal p-values k / (n + 1), from a histogram of k.
 
     Equal to ``scipy.stats.false_discovery_control`` on the p-values: q(k) = min over k' >= k of
-    m c(m) (k' / (n + 1)) / #{rows with index <= k'}, capped at 1 (c(m) = 1 for BH, sum_i 1/i for BY).
+    m c(m) (k' / (n + 1)) / #{rows with index <= k'}, capped at 1 (c(m) = 1 for BH, sum_i 1/i for BY,
+    pi0_hat for Storey's method, from the same histogram: :func:`storey_pi0`).
     """
     k = np.asarray(p_index, dtype=np.int64)
     if k.size == 0:
@@ -151,11 +224,30 @@ def q_value_table(counts: np.ndarray, method: FdrMethod = FdrMethod.bh) -> np.nd
     counts = np.asarray(counts, dtype=np.int64)
     m = int(counts.sum())
     at_most = np.cumsum(counts)
-    c_m = 1.0 if FdrMethod(method) is FdrMethod.bh else float(np.sum(1.0 / np.arange(1, m + 1)))
     levels = np.arange(1, counts.size + 1) / counts.size
+    method = FdrMethod(method)
+    if method is FdrMethod.bh:
+        c_m = 1.0
+    elif method is FdrMethod.storey:
+        c_m = storey_pi0(counts)
+    else:
+        c_m = float(np.sum(1.0 / np.arange(1, m + 1)))
     with np.errstate(divide="ignore"):
         ratio = np.where(at_most > 0, m * c_m * levels / np.maximum(at_most, 1), np.inf)
     return np.minimum(np.minimum.accumulate(ratio[::-1])[::-1], 1.0)
+
+
+def storey_pi0(counts: np.ndarray, lam: float = STOREY_LAMBDA) -> float:
+    """Storey's estimate of the in-distribution share, min(1, (1 + #{p > lambda}) / (m (1 - lambda))),
+    from the histogram of p-value indices 1..n+1 (p = k / (n + 1)); the +1 keeps it valid for conformal
+    p-values (Marandon et al. 2024)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    m = int(counts.sum())
+    if m == 0:
+        return 1.0
+    levels = np.arange(1, counts.size + 1) / counts.size
+    above = int(counts[levels > lam].sum())
+    return min(1.0, (1 + above) / (m * (1 - lam)))
 
 
 def fdr_flags(q_values: np.ndarray, fdr: float) -> np.ndarray:

@@ -10,7 +10,9 @@ path. In gradood the columns are log f_j (one per layer) and, where a test says 
 - ``ShrinkageGaussian`` — a full-covariance Gaussian with OAS shrinkage on standardised columns;
 - ``FisherLayers`` — Fisher's method -2 sum_j log p_j over two-sided per-layer normal p-values;
 - ``GradNorm`` — the naive score: log of the total squared gradient norm, log sum_j f_j;
-- ``Typicality`` — |-log p(x) - H_hat| (Nalisnick et al.'s typicality test);
+- ``Typicality`` — |-log p(x) - H_hat| (Nalisnick et al.'s typicality test); two-sided: its signed
+  ``statistic`` -log p(x) - H_hat is calibrated equal-tailed, since in-distribution log-likelihoods are
+  skewed and simple images get *higher* likelihoods than the training data;
 - ``NegLogLikelihood`` — -log p(x), the likelihood score the paper shows failing.
 """
 
@@ -27,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gradood.stats.moments import Moments
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -46,6 +48,9 @@ class OODTest(BaseEstimator):
     #: fitted attributes saved by ``to_dict`` (besides n_features_in_ / feature_names_in_)
     _fitted: ClassVar[tuple[str, ...]] = ()
     _min_rows: ClassVar[int] = 1
+    #: two-sided tests are calibrated on their signed ``statistic`` with equal-tailed p-values; a
+    #: one-sided test's statistic is its ood_score
+    two_sided: ClassVar[bool] = False
 
     def fit(self, X: Any, y: None = None) -> OODTest:  # noqa: N803 (scikit-learn's name)
         """Fit on held-out in-distribution rows; ``y`` is ignored (scikit-learn's signature)."""
@@ -81,6 +86,14 @@ class OODTest(BaseEstimator):
     def ood_score(self, X: Any) -> np.ndarray:  # noqa: N803
         """Higher = more out-of-distribution."""
         return self._score(self._validated(X))
+
+    def statistic(self, X: Any) -> np.ndarray:  # noqa: N803
+        """What conformal calibration ranks: ood_score, or for a two-sided test its signed deviation."""
+        return self.statistic_of(self._validated(X))
+
+    def statistic_of(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """:meth:`statistic` of rows already validated (the suite passes column slices of its matrix)."""
+        return self._score(X)
 
     def _score(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
         raise NotImplementedError
@@ -218,16 +231,24 @@ def oas_shrink(cov: np.ndarray, n: int) -> tuple[np.ndarray, float]:
 
 
 class Typicality(OODTest):
-    """|-sum_d x_d - H_hat|, with H_hat the fit rows' mean of -sum_d x_d (columns: log-likelihood terms)."""
+    """|-sum_d x_d - H_hat|, with H_hat the fit rows' mean of -sum_d x_d (columns: log-likelihood terms).
+
+    Two-sided: the signed ``statistic`` -sum_d x_d - H_hat is positive for rows less likely than typical
+    and negative for rows more likely, and each side is calibrated on its own (equal-tailed).
+    """
 
     _fitted = ("entropy_",)
+    two_sided = True
 
     def _fit(self, moments: Moments) -> None:
         super()._fit(moments)
         self.entropy_ = float(-moments.mean.sum())
 
+    def statistic_of(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        return -X.sum(axis=1) - self.entropy_
+
     def _score(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        return np.abs(-X.sum(axis=1) - self.entropy_)
+        return np.abs(self.statistic_of(X))
 
 
 class NegLogLikelihood(OODTest):

@@ -24,7 +24,23 @@ def log_features(sqnorms: np.ndarray, min_sqnorm: float) -> np.ndarray:
     return np.log(np.maximum(sqnorms, min_sqnorm))
 
 
-def split_of(u: np.ndarray, calibration_fraction: float) -> np.ndarray:
-    """0 = fit, 1 = calibration part 1, 2 = part 2, from per-row uniforms ``u`` in [0, 1)."""
+def split_of(u: np.ndarray, calibration_fraction: float, part_2_fraction: float | None = None) -> np.ndarray:
+    """0 = fit, 1 = calibration part 1, 2 = part 2, from per-row uniforms ``u`` in [0, 1).
+
+    ``calibration_fraction`` of the rows are held out of the fit; ``part_2_fraction`` of all rows (default:
+    half the held-out share) are part 2, the rest of the held-out rows part 1.
+    """
+    check_split(calibration_fraction, part_2_fraction)
+    part_2 = calibration_fraction / 2 if part_2_fraction is None else part_2_fraction
     u = np.asarray(u, dtype=np.float64)
-    return np.where(u >= calibration_fraction, 0, np.where(u < calibration_fraction / 2, 1, 2))
+    return np.where(u >= calibration_fraction, 0, np.where(u < calibration_fraction - part_2, 1, 2))
+
+
+def check_split(calibration_fraction: float, part_2_fraction: float | None) -> None:
+    if not 0 < calibration_fraction < 1:
+        raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+    if part_2_fraction is not None and not 0 < part_2_fraction < calibration_fraction:
+        raise ValueError(
+            f"part_2_fraction must be in (0, calibration_fraction={calibration_fraction}), "
+            f"got {part_2_fraction}"
+        )

@@ -26,7 +26,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gradood.stats.adaptive import AdaptiveNight, CalibrationTails
-from gradood.stats.conformal import Combination, ConformalCalibrator, combine_log_p
+from gradood.stats.conformal import Combination, ConformalCalibrator, EqualTailedCalibrator, combine_log_p
 from gradood.stats.detectors import (
     FORMAT_VERSION,
     DiagonalGaussian,
@@ -39,7 +39,7 @@ from gradood.stats.detectors import (
     check_format,
     ood_test_from_dict,
 )
-from gradood.stats.layout import LOG_PROB_COLUMN, split_of
+from gradood.stats.layout import LOG_PROB_COLUMN, check_split, split_of
 from gradood.stats.moments import Moments
 
 
@@ -56,9 +56,6 @@ class TestName(StrEnum):
     nll = "nll"
 
 
-#: the columns of :meth:`DetectorSuite.tails` (and of the saved calibration tails)
-TAIL_ORDER = [t.value for t in TestName]
-
 #: which columns each test reads: the layers' log-norms, log p(x), or both
 _COLUMNS = {
     TestName.paper: "log_norms",
@@ -69,16 +66,36 @@ _COLUMNS = {
     TestName.nll: "log_prob",
 }
 
+_TEST_CLASSES: dict[TestName, type[OODTest]] = {
+    TestName.paper: DiagonalGaussian,
+    TestName.fullcov: ShrinkageGaussian,
+    TestName.fisher_layers: FisherLayers,
+    TestName.gradnorm: GradNorm,
+    TestName.typicality: Typicality,
+    TestName.nll: NegLogLikelihood,
+}
+
+
+def tail_names(test: TestName | str) -> list[str]:
+    """The one-sided tails a test contributes: its name, or ``<name>:high`` and ``<name>:low`` for a
+    two-sided test (for typicality: less likely than typical, more likely than typical)."""
+    name = TestName(test)
+    return [f"{name.value}:high", f"{name.value}:low"] if _TEST_CLASSES[name].two_sided else [name.value]
+
+
+#: the columns of :meth:`DetectorSuite.tails` (and of the saved calibration tails): every one-sided
+#: tail of every test, so the adaptive classifier sees "too likely" apart from "too unlikely"
+TAIL_ORDER = [tail for t in TestName for tail in tail_names(t)]
+
+
+def tail_columns(test: TestName | str) -> list[int]:
+    """The columns of :data:`TAIL_ORDER` that hold ``test``'s tails."""
+    return [TAIL_ORDER.index(tail) for tail in tail_names(test)]
+
 
 def _make_test(name: TestName, min_std: float) -> OODTest:
-    return {
-        TestName.paper: lambda: DiagonalGaussian(min_std=min_std),
-        TestName.fullcov: lambda: ShrinkageGaussian(min_std=min_std),
-        TestName.fisher_layers: lambda: FisherLayers(min_std=min_std),
-        TestName.gradnorm: GradNorm,
-        TestName.typicality: Typicality,
-        TestName.nll: NegLogLikelihood,
-    }[name]()
+    cls = _TEST_CLASSES[name]
+    return cls(min_std=min_std) if "min_std" in cls._get_param_names() else cls()
 
 
 class DetectorSuite(BaseEstimator):
@@ -95,19 +112,21 @@ class DetectorSuite(BaseEstimator):
         combination: str = "fisher",
         min_std: float = 1e-12,
         calibration_fraction: float = 0.4,
+        part_2_fraction: float | None = None,
         random_state: int = 0,
     ):
         self.components = components
         self.combination = combination
         self.min_std = min_std
         self.calibration_fraction = calibration_fraction
+        self.part_2_fraction = part_2_fraction
         self.random_state = random_state
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, X: Any, y: None = None) -> DetectorSuite:  # noqa: N803
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=6, ensure_min_features=2)
         u = np.random.default_rng(self.random_state).permutation(len(X)) / len(X)
-        part = split_of(u, self.calibration_fraction)
+        part = split_of(u, self.calibration_fraction, self.part_2_fraction)
         if not all((part == k).sum() >= 2 for k in (0, 1, 2)):
             raise ValueError(
                 f"need at least 2 rows in each of the fit and calibration parts, got {len(X)} rows"
@@ -147,8 +166,7 @@ class DetectorSuite(BaseEstimator):
         if not components:
             raise ValueError("the combination needs at least one component test")
         Combination(self.combination)
-        if not 0 < self.calibration_fraction < 1:
-            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}")
+        check_split(self.calibration_fraction, self.part_2_fraction)
         if min(len(cal_1), len(cal_2)) < 1:
             raise ValueError("both calibration parts need at least one row")
         if len(cal_2_ids) != len(cal_2):
@@ -163,7 +181,10 @@ class DetectorSuite(BaseEstimator):
             )
         cal_1, cal_2 = np.asarray(cal_1, np.float64), np.asarray(cal_2, np.float64)
         self.calibrators_ = {
-            name: ConformalCalibrator(self._test_scores(name, cal_1)) for name in self.tests_
+            name: (EqualTailedCalibrator if test.two_sided else ConformalCalibrator)(
+                self._statistic(name, cal_1)
+            )
+            for name, test in self.tests_.items()
         }
         self.combined_calibrator_ = ConformalCalibrator(self._combine(cal_2)[0])
         self.calibration_tails_ = CalibrationTails(
@@ -180,24 +201,37 @@ class DetectorSuite(BaseEstimator):
         return {"log_norms": np.arange(d - 1), "log_prob": np.array([d - 1]), "all": np.arange(d)}[kind]
 
     # -- scoring ------------------------------------------------------------------------------
-    def _test_scores(self, name: str, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def _statistic(self, name: str, X: np.ndarray) -> np.ndarray:  # noqa: N803
         # X was validated by the suite already; the single tests see plain column slices of it
-        return self.tests_[name]._score(X[:, self._columns(TestName(name), X.shape[1])])
+        return self.tests_[name].statistic_of(X[:, self._columns(TestName(name), X.shape[1])])
+
+    def _score_of(self, name: str, statistic: np.ndarray) -> np.ndarray:
+        if self.tests_[name].two_sided:  # ordered like its equal-tailed p-value
+            return -self.calibrators_[name].log_tail(statistic)
+        return statistic
+
+    def test_statistic(self, name: str, X: Any) -> np.ndarray:  # noqa: N803
+        """What test ``name``'s calibration ranks: its score, or a two-sided test's signed statistic."""
+        return self._statistic(name, self._checked(X))
+
+    def test_scores(self, name: str, X: Any) -> np.ndarray:  # noqa: N803
+        """Test ``name``'s score of every row (higher = more OOD): its statistic, or for a two-sided
+        test -log of its smooth equal-tailed p-value, so that the score ranks like the p-value."""
+        return self._score_of(name, self._statistic(name, self._checked(X)))
 
     def tails(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        """-log p~ of every test (columns in :data:`TAIL_ORDER`) for validated feature rows ``X``."""
-        return self._tails({t: self._test_scores(t, X) for t in TAIL_ORDER}, len(X))
+        """-log p~ of every one-sided tail (columns in :data:`TAIL_ORDER`) for validated rows ``X``."""
+        return self._tails({t: self._statistic(t, X) for t in self.tests_}, len(X))
 
-    def _tails(self, scores: dict[str, np.ndarray], n: int) -> np.ndarray:
-        return np.column_stack([-self.calibrators_[t].log_tail(scores[t]) for t in TAIL_ORDER]).reshape(
-            n, len(TAIL_ORDER)
-        )
+    def _tails(self, statistics: dict[str, np.ndarray], n: int) -> np.ndarray:
+        columns = [self.calibrators_[t.value].side_log_tails(statistics[t.value]) for t in TestName]
+        return -np.hstack(columns).reshape(n, len(TAIL_ORDER))
 
     def _combine(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
         """Fixed combined statistic (Fisher's for an adaptive suite) and, per row, the index of the
         component with the smallest tail p."""
         log_p = np.stack(
-            [self.calibrators_[c].log_tail(self._test_scores(c, X)) for c in self.components], axis=1
+            [self.calibrators_[c].log_tail(self._statistic(c, X)) for c in self.components], axis=1
         )
         combination = Combination(self.combination)
         if combination is Combination.adaptive:
@@ -208,7 +242,7 @@ class DetectorSuite(BaseEstimator):
         """The adaptive combined test of one night, trained on ``night_tails`` (the tails of the night's
         rows that :func:`gradood.stats.adaptive.training_mask` picked at ``rate``)."""
         check_is_fitted(self)
-        columns = [TAIL_ORDER.index(c) for c in self.components]
+        columns = [tail_columns(c) for c in self.components]
         return AdaptiveNight(self.calibration_tails_, columns).fit(night_tails, rate, seed)
 
     def _checked(self, X: Any) -> np.ndarray:  # noqa: N803
@@ -245,9 +279,12 @@ class DetectorSuite(BaseEstimator):
         if night is not None and not adaptive:
             raise ValueError(f"a night's adaptive test was given to a {self.combination} combination")
         out: dict[str, Any] = {}
-        for name in self.tests_:
-            s = self._test_scores(name, X)
-            out[name] = {"score": s, "p_index": self.calibrators_[name].p_index(s)}
+        statistics = {name: self._statistic(name, X) for name in self.tests_}
+        for name, stat in statistics.items():
+            out[name] = {
+                "score": self._score_of(name, stat),
+                "p_index": self.calibrators_[name].p_index(stat),
+            }
         if not combined:
             return out
         if night is None:
@@ -255,7 +292,7 @@ class DetectorSuite(BaseEstimator):
             out["combined"] = {"score": stat, "p_index": self.combined_calibrator_.p_index(stat)}
             out["driver"] = np.asarray(self.components, dtype=object)[driver]
             return out
-        tails = self._tails({name: out[name]["score"] for name in TAIL_ORDER}, len(X))
+        tails = self._tails(statistics, len(X))
         stat = night.statistic(tails)
         out["combined"] = {"score": stat, "p_index": night.calibrator_.p_index(stat)}
         out["driver"] = np.asarray(TAIL_ORDER, dtype=object)[np.argmax(tails, axis=1)]
@@ -263,8 +300,12 @@ class DetectorSuite(BaseEstimator):
 
     def calibration_size(self, test: str) -> int:
         """n of the calibration behind ``test``'s p-values (``combined`` or a single test's name)."""
+        return self.calibrator(test).n
+
+    def calibrator(self, test: str) -> ConformalCalibrator:
+        """The conformal calibration behind ``test``'s p-values (``combined`` or a single test's name)."""
         check_is_fitted(self)
-        return (self.combined_calibrator_ if test == "combined" else self.calibrators_[test]).n
+        return self.combined_calibrator_ if test == "combined" else self.calibrators_[test]
 
     def top_layers(self, X: Any, k: int = 3) -> tuple[list[list[str]], np.ndarray]:  # noqa: N803
         """Per row, the ``k`` kept layers of the paper's test with the largest |z| and their signed z."""

@@ -19,19 +19,21 @@ def read_png(path) -> np.ndarray:
 
 
 def test_build_demo_corpus(tmp_path):
-    n, id_start, seed = 4, 100, 7
-    manifest = build_demo_corpus(tmp_path, rows_per_source=n, seed=seed, id_start=id_start)
-    assert manifest["counts"] == {**{s: n for s in (DEMO_ID_SOURCE, *DEMO_OOD_SOURCES)}, "corrupt": 2}
+    n, n_id, id_start, seed = 4, 6, 100, 7
+    manifest = build_demo_corpus(tmp_path, rows_per_source=n, seed=seed, id_start=id_start, id_rows=n_id)
+    assert manifest["counts"] == {DEMO_ID_SOURCE: n_id, **{s: n for s in DEMO_OOD_SOURCES}, "corrupt": 2}
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
     test_images = load_fashion_mnist("test")[0]
-    for k in range(n):
+    for k in range(n_id):
         i = id_start + k
         np.testing.assert_array_equal(
             read_png(tmp_path / "fashion_mnist" / f"test-{i:05d}.png"), test_images[i]
         )
-        inverted = tmp_path / "fashion_mnist_inverted" / f"test-{i + n:05d}.png"
-        np.testing.assert_array_equal(read_png(inverted), 255 - test_images[i + n].astype(int))
+    for k in range(n):  # the inverted rows follow the in-distribution block: no test row twice
+        i = id_start + n_id + k
+        inverted = tmp_path / "fashion_mnist_inverted" / f"test-{i:05d}.png"
+        np.testing.assert_array_equal(read_png(inverted), 255 - test_images[i].astype(int))
     noise = np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     for k in range(n):
         np.testing.assert_array_equal(read_png(tmp_path / "uniform_noise" / f"noise-{k:04d}.png"), noise[k])
@@ -43,7 +45,10 @@ def test_build_demo_corpus(tmp_path):
     assert (tmp_path / "corrupt" / "empty.png").stat().st_size == 0
 
     loaded = load_all(open_source(str(tmp_path)), ImageConverter("L", (28, 28)))
-    assert Counter(map(demo_source_of, loaded.ids)) == {s: n for s in (DEMO_ID_SOURCE, *DEMO_OOD_SOURCES)}
+    assert Counter(map(demo_source_of, loaded.ids)) == {
+        DEMO_ID_SOURCE: n_id,
+        **{s: n for s in DEMO_OOD_SOURCES},
+    }
     assert sorted(demo_source_of(e[0]) for e in loaded.errors) == ["corrupt", "corrupt"]
     assert {e[2].split(":")[0] for e in loaded.errors} == {"empty file", "cannot decode image"}
 
@@ -59,8 +64,8 @@ def test_demo_corpus_is_idempotent_and_rebuilds_on_new_params(tmp_path):
     assert manifest["params"]["rows_per_source"] == 2
     assert len(list((tmp_path / "digits").iterdir())) == 2  # no stale files from the larger build
     assert marker.read_bytes() != b"edited"
-    with pytest.raises(ValueError, match="id_start"):
-        build_demo_corpus(tmp_path / "other", rows_per_source=3000, id_start=5000)
+    with pytest.raises(ValueError, match="but the test split has 10000 rows"):
+        build_demo_corpus(tmp_path / "other", rows_per_source=3001, id_start=5000)
 
 
 def test_digits_cycle(tmp_path):

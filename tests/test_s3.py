@@ -99,7 +99,7 @@ def inputs(client, tmp_path_factory):
     for i in range(FIT_ROWS):
         Image.fromarray(test[i]).save(root / "fit" / f"test-{i:05d}.png")
     demo = root / "demo"
-    demo_manifest = build_demo_corpus(demo, rows_per_source=DEMO_ROWS)
+    demo_manifest = build_demo_corpus(demo, rows_per_source=DEMO_ROWS, id_rows=DEMO_ROWS)
     # the demo's images, byte for byte and in the order a folder listing gives, as rows of two files
     names = sorted(p.relative_to(demo).as_posix() for p in demo.rglob("*.png"))
     (root / "parquet").mkdir()
@@ -286,7 +286,7 @@ def test_demo_corpus_on_s3(s3_night, client, inputs):
         corpus="demo",
         out=S3["demo_out"],
         detector=S3["detector"],
-        extra=[f"corpus.demo_rows_per_source={DEMO_ROWS}"],
+        extra=[f"corpus.demo_rows_per_source={DEMO_ROWS}", f"corpus.demo_id_rows={DEMO_ROWS}"],
     )
     corpus = f"{S3['demo_out']}/demo_corpus"
     assert (summary["inputs"], summary["scored"], summary["rejected"]) == (14, 12, 2)
@@ -321,11 +321,11 @@ def test_demo_corpus_on_s3(s3_night, client, inputs):
     before = {
         o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="demo/")["Contents"]
     }
-    assert build_demo_corpus(corpus, rows_per_source=DEMO_ROWS) == inputs["demo_manifest"]
+    assert build_demo_corpus(corpus, rows_per_source=DEMO_ROWS, id_rows=DEMO_ROWS) == inputs["demo_manifest"]
     after = {
         o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="demo/")["Contents"]
     }
     assert after == before
-    build_demo_corpus(corpus, rows_per_source=1)
+    build_demo_corpus(corpus, rows_per_source=1, id_rows=1)
     assert len(keys(client, "demo/demo_corpus/digits/")) == 1
     assert storage.read_json(f"{corpus}/manifest.json")["params"]["rows_per_source"] == 1

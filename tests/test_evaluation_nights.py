@@ -18,6 +18,9 @@ from gradood.evaluation.nights import (
     tpr_at_fpr,
 )
 from gradood.stats import DetectorSuite
+from gradood.stats.adaptive import component_tail
+from gradood.stats.conformal import ConformalCalibrator
+from gradood.stats.suite import tail_columns
 
 
 def test_tpr_at_fpr_is_the_best_tpr_whose_fpr_stays_at_or_below_the_target():
@@ -33,19 +36,28 @@ def test_tpr_at_fpr_is_the_best_tpr_whose_fpr_stays_at_or_below_the_target():
     assert tpr_at_fpr(np.ones(10), np.ones(3), 0.0) == 0.0  # ties at the threshold are negatives
 
 
-def test_a_night_draws_its_share_of_ood_rows_and_is_reproducible():
-    id_rows, ood_rows = np.arange(2000), np.arange(2000, 3000)
+def test_a_night_draws_its_share_of_ood_rows_and_a_disjoint_calibration_and_is_reproducible():
+    ood_rows = np.arange(3000, 4000)
     for prevalence in PREVALENCES:
-        rows = draw_night(np.random.default_rng(1), id_rows, ood_rows, 2000, prevalence)
-        assert len(rows) == len(set(rows.tolist())) == 2000
-        assert int((rows >= 2000).sum()) == round(prevalence * 2000)
-        again = draw_night(np.random.default_rng(1), id_rows, ood_rows, 2000, prevalence)
-        np.testing.assert_array_equal(rows, again)
+        rng = np.random.default_rng(1)
+        night_id, calibration, ood = draw_night(rng, 3000, 500, ood_rows, 2000, prevalence)
+            np.random.default_rng(1), 3000, 500, ood_rows, 2000, prevalence
+        )
+        k = round(prevalence * 2000)
+        assert len(ood) == len(set(ood.tolist())) == k and set(ood.tolist()) <= set(ood_rows.tolist())
+        assert len(night_id) == 2000 - k and len(calibration) == 500
+        assert not set(night_id.tolist()) & set(calibration.tolist())  # never a row on both sides
+        assert max(night_id.max(), calibration.max()) < 3000
+        again = draw_night(np.random.default_rng(1), 3000, 500, ood_rows, 2000, prevalence)
+        for x, y in zip((night_id, calibration, ood), again, strict=True):
+            np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="needs"):
-        draw_night(np.random.default_rng(1), id_rows, ood_rows[:5], 2000, 0.01)
+        draw_night(np.random.default_rng(1), 3000, 500, ood_rows[:5], 2000, 0.01)
+    with pytest.raises(ValueError, match="needs"):
+        draw_night(np.random.default_rng(1), 2000, 500, ood_rows, 2000, 0.01)
 
 
-def _pool(rng: np.random.Generator) -> tuple[NightPool, np.ndarray]:
+def _pool(rng: np.random.Generator) -> NightPool:
     fit = rng.normal(size=(3000, 4))
     fit[:, -1] = -800 + 20 * fit[:, -1]
     suite = DetectorSuite(
@@ -56,35 +68,41 @@ def _pool(rng: np.random.Generator) -> tuple[NightPool, np.ndarray]:
     rows[400:, :3] += 3.0  # the OOD source: larger gradients
     source = np.array(["id"] * 400 + ["ood"] * 200)
     ids = [f"row-{i}" for i in range(len(rows))]
-    return NightPool(source, ids, suite.tails(rows), suite, 0, 20_000), rows
+    return NightPool(source, ids, suite.tails(rows), suite, 0, 20_000)
 
 
 def test_night_metrics_count_flags_power_and_fdp_as_bh_on_the_nights_rows():
-    rng = np.random.default_rng(2)
-    pool, rows = _pool(rng)
-    score = pool.suite.test_scores("paper", rows)
-    p_index = pool.suite.calibrator("paper").p_index(score)
-    n_cal = pool.suite.calibration_size("paper")
-    fixed = {"paper": (score, p_index, n_cal)}
-    out = list(night_metrics(pool, fixed, "combined", ["ood"], "id", 200, 2, 0.1))
-    assert {r["detector"] for r in out} == {"combined", "paper"}
+    pool = _pool(np.random.default_rng(2))
+    out = list(night_metrics(pool, ["ood"], "id", 200, 2, 0.1))
+    assert {r["detector"] for r in out} == {"combined", "combined_fisher"}
     assert len(out) == len(PREVALENCES) * 2 * 2 * 2  # prevalences x draws x detectors x methods
+    held_tails, _ = pool.held_out("id")
+    n_cal = len(pool.suite.calibration_tails_.part_2)
+    assert len(held_tails) == n_cal + 400
+    columns = [tail_columns(c) for c in pool.suite.components]
+
+    def fixed(tails: np.ndarray) -> np.ndarray:
+        return 2.0 * sum(component_tail(tails, np.asarray(c)) for c in columns)
+
     for prevalence in PREVALENCES:
         row = next(
             r for r in out
-            if r["detector"] == "paper" and r["method"] == "bh" and r["draw"] == 1
+            if r["detector"] == "combined_fisher" and r["method"] == "bh" and r["draw"] == 1
             and r["prevalence"] == prevalence
         )  # fmt: skip
-        night = draw_night(
+        night_id, cal, ood = draw_night(
             night_rng(0, "ood", prevalence, 1),
-            np.flatnonzero(pool.source == "id"),
+            len(held_tails),
+            n_cal,
             np.flatnonzero(pool.source == "ood"),
             200,
             prevalence,
         )
-        flags = false_discovery_control(p_index[night] / (n_cal + 1)) <= 0.1
-        is_ood = pool.source[night] == "ood"
-        assert row["n_ood"] == int(is_ood.sum()) == round(prevalence * 200)
+        tails = np.vstack([held_tails[night_id], pool.tails[ood]])
+        p = ConformalCalibrator(fixed(held_tails[cal])).p_value(fixed(tails))
+        flags = false_discovery_control(p) <= 0.1
+        is_ood = np.r_[np.zeros(len(night_id), bool), np.ones(len(ood), bool)]
+        assert row["n_ood"] == len(ood) == round(prevalence * 200) and row["n_calibration"] == n_cal
         assert row["flagged"] == int(flags.sum())
         assert row["power"] == pytest.approx(flags[is_ood].mean())
         expected_fdp = flags[~is_ood].sum() / flags.sum() if flags.any() else 0.0

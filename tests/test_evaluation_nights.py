@@ -41,8 +41,6 @@ def test_a_night_draws_its_share_of_ood_rows_and_a_disjoint_calibration_and_is_r
     for prevalence in PREVALENCES:
         rng = np.random.default_rng(1)
         night_id, calibration, ood = draw_night(rng, 3000, 500, ood_rows, 2000, prevalence)
-            np.random.default_rng(1), 3000, 500, ood_rows, 2000, prevalence
-        )
         k = round(prevalence * 2000)
         assert len(ood) == len(set(ood.tolist())) == k and set(ood.tolist()) <= set(ood_rows.tolist())
         assert len(night_id) == 2000 - k and len(calibration) == 500

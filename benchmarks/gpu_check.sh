@@ -17,7 +17,8 @@ out=${1:?usage: gpu_check.sh [--dry-run] OUT}
 mkdir -p "$out"
 if [ "$dry" = 1 ]; then
   device=cpu; models=(vae); bench=(--quick --batch-size 4 --repeats 1 --check-rows 2 --configs default)
-  job=(extract.num_gpus_per_worker=0 fit.size=40 corpus.demo_rows_per_source=5 extract.shard_size=16)
+  job=(extract.num_gpus_per_worker=0 fit.size=40 corpus.demo_rows_per_source=5 corpus.demo_id_rows=5
+       extract.shard_size=16)
 else
   device=cuda; models=(glow ddpm vae pixelcnn); bench=(--batch-size 256 --repeats 5 --threads 0)
   job=(extract.num_gpus_per_worker=1 extract.num_workers=1 corpus.demo_rows_per_source=500)

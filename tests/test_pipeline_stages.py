@@ -30,6 +30,7 @@ from gradood.pipeline.stages import (
 from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, feature_matrix, suite_feature_names, table_metadata
 from gradood.seeding import draw_noise, row_uniforms
 from gradood.stats import DetectorSuite, Moments, split_of
+from gradood.stats.conformal import EqualTailedCalibrator
 from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
 
 
@@ -166,7 +167,14 @@ def test_shard_writer_contract(model_dir, tmp_path):
     scored = Scorer(detector, "combined")(cols)
     np.testing.assert_allclose(scored["ood_score"], suite.ood_score(x))
     np.testing.assert_allclose(scored["p_value"], suite.p_value(x))
-    np.testing.assert_allclose(scored["score:typicality"], np.abs(-x[:, -1] + x[split == 0, -1].mean()))
+    # typicality: two-sided on -log p(x) - H_hat, equal-tailed against calibration part 1
+    statistic = -x[:, -1] + x[split == 0, -1].mean()
+    calibration = statistic[split == 1]
+    high = (1 + (calibration[None, :] >= statistic[:, None]).sum(axis=1)) / (len(calibration) + 1)
+    low = (1 + (calibration[None, :] <= statistic[:, None]).sum(axis=1)) / (len(calibration) + 1)
+    np.testing.assert_allclose(scored["p_value:typicality"], np.minimum(1, 2 * np.minimum(high, low)))
+    tail = EqualTailedCalibrator(calibration).log_tail(statistic)
+    np.testing.assert_allclose(scored["score:typicality"], -tail)
     paper = suite.tests_["paper"]
     np.testing.assert_allclose(scored["score:paper"], paper.ood_score(x[:, :-1]))
     p_paper = (1 + (suite.calibrators_["paper"].scores[None, :] >= scored["score:paper"][:, None]).sum(1)) / (

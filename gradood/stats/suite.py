@@ -93,9 +93,13 @@ def tail_columns(test: TestName | str) -> list[int]:
     return [TAIL_ORDER.index(tail) for tail in tail_names(test)]
 
 
+#: the tests that drop layers whose log-norm std is below min_std
+_WITH_MIN_STD = {TestName.paper, TestName.fullcov, TestName.fisher_layers}
+
+
 def _make_test(name: TestName, min_std: float) -> OODTest:
     cls = _TEST_CLASSES[name]
-    return cls(min_std=min_std) if "min_std" in cls._get_param_names() else cls()
+    return cls(min_std=min_std) if name in _WITH_MIN_STD else cls()
 
 
 class DetectorSuite(BaseEstimator):

@@ -188,6 +188,9 @@ class RunConfig:
     incremental: bool = False
     #: thumbnails of the most OOD rows in report.html
     report_top_k: int = 24
+    #: seconds an extraction stage may go without finishing a shard before the night fails, naming the
+    #: stage (a rerun resumes from the finished shards); null or 0: wait forever
+    stall_timeout_s: float | None = 1800.0
 
 
 @dataclass

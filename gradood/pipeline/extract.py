@@ -31,6 +31,7 @@ from gradood.data.sources import CorpusSource, Shard
 from gradood.models import build_model
 from gradood.pipeline import storage
 from gradood.pipeline.stages import ExtractSettings, ShardFeatureWriter, completed_shard, decode_shards
+from gradood.pipeline.watchdog import progress_or_fail
 
 
 def log(msg: str) -> None:
@@ -113,18 +114,39 @@ class ExtractionTotals:
             )
 
 
-def _pool_size(ex: ExtractConfig, shards: int, what: str) -> int:
-    """Model workers that leave the decode tasks a CPU: with every CPU held by a worker, nothing would
-    decode the shards the workers wait for."""
+@dataclasses.dataclass(frozen=True)
+class CpuPlan:
+    """How many model workers a stage runs and the CPUs each worker and each decode or read task asks for."""
+
+    workers: int
+    worker_cpus: float
+    task_cpus: float
+
+
+def plan_cpus(ex: ExtractConfig, shards: int, what: str) -> CpuPlan:
+    """Model workers that leave the decode (or read) tasks a CPU: with every CPU held by a worker, nothing
+    would decode the shards the workers wait for, and the night would hang. A cluster too small for one
+    worker and one task at their configured sizes runs one worker beside the tasks on shares of its CPUs
+    (the two take turns on the cores; Ray's CPU counts are reservations, not pinning)."""
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    room = int((cpus - ex.decode_cpus) // ex.cpus_per_worker) if ex.cpus_per_worker > 0 else ex.num_workers
+    worker, task = ex.cpus_per_worker, ex.decode_cpus
+    if cpus <= 0:
+        raise RuntimeError(f"{what}: the Ray cluster has no CPUs; decoding needs extract.decode_cpus CPUs")
+    if worker + task > cpus:
+        worker, task = min(worker, cpus / 2), min(task, cpus / 2)
+        log(
+            f"{what}: {cpus:g} CPUs cannot hold a model worker (extract.cpus_per_worker="
+            f"{ex.cpus_per_worker:g}) and a decode task (extract.decode_cpus={ex.decode_cpus:g}) at once: "
+            f"one worker of {worker:g} CPU beside tasks of {task:g} CPU"
+        )
+    room = int((cpus - task) // worker) if worker > 0 else ex.num_workers
     size = max(1, min(ex.num_workers, shards, room))
     if size < min(ex.num_workers, shards):
         log(
             f"{what}: {size} of extract.num_workers={ex.num_workers} workers, so that {cpus:g} CPUs leave "
-            f"extract.decode_cpus={ex.decode_cpus:g} to decoding"
+            f"{task:g} to decoding"
         )
-    return size
+    return CpuPlan(workers=size, worker_cpus=worker, task_cpus=task)
 
 
 def image_converter(model_meta: dict[str, Any], cfg: ScoreCorpusConfig) -> ImageConverter:
@@ -230,12 +252,12 @@ def run_extraction(
     pending = _resume(shards, source, out_uri, settings, model_meta["fingerprint"], totals, on_shard)
     if len(pending) < len(shards):
         log(f"{what}: {len(shards) - len(pending)} of {len(shards)} shards complete from an earlier attempt")
-    resources: dict[str, Any] = {"num_cpus": ex.cpus_per_worker}
+    cpu = plan_cpus(ex, len(pending), what)
+    resources: dict[str, Any] = {"num_cpus": cpu.worker_cpus}
     if ex.num_gpus_per_worker > 0:
         resources["num_gpus"] = ex.num_gpus_per_worker
     ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=max(1, len(pending)))
-    decode_args = {"num_cpus": ex.decode_cpus}
-    pool_size = _pool_size(ex, len(pending), what)
+    decode_args = {"num_cpus": cpu.task_cpus}
     ds = ds.map_batches(
         decode_shards,
         batch_size=1,
@@ -250,7 +272,7 @@ def run_extraction(
         batch_size=1,
         batch_format="numpy",
         # all workers from the start: growing the pool on demand would load the model mid-run
-        compute=ray.data.ActorPoolStrategy(size=pool_size),
+        compute=ray.data.ActorPoolStrategy(size=cpu.workers),
         fn_constructor_kwargs={
             "weights": weights,
             "model_meta": model_meta,
@@ -262,7 +284,7 @@ def run_extraction(
     t0 = time.perf_counter()
     total_rows = sum(s.num_rows for s in shards)
     log(f"{what}: {total_rows} rows in {len(shards)} shards from {source.uri}")
-    for summary in ds.iter_rows() if pending else ():
+    for summary in progress_or_fail(ds.iter_rows(), cfg.run.stall_timeout_s, what) if pending else ():
         totals.add(summary, on_shard)
         elapsed = time.perf_counter() - t0
         totals.finished(summary)

@@ -21,6 +21,7 @@ import ray
 
 from gradood.config import DetectorName, ScoreCorpusConfig
 from gradood.pipeline import storage
+from gradood.pipeline.extract import plan_cpus
 from gradood.pipeline.ranking import (
     SORT_DESCENDING,
     SORT_KEYS,
@@ -202,15 +203,25 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
 def _on_actors(
     files: list[str], stage: type, kwargs: dict[str, Any], cfg: ScoreCorpusConfig
 ) -> ray.data.Dataset:
-    """The feature files through a scoring stage, on a pool of up to ``extract.num_workers`` actors."""
-    return ray.data.read_parquet(files).map_batches(
+    """The feature files through a scoring stage, on a pool of up to ``extract.num_workers`` actors that
+    leave the read tasks a CPU (:func:`plan_cpus`)."""
+    cpu = plan_cpus(cfg.extract, len(files), "scoring")
+    # read by our own tasks rather than ray.data.read_parquet, whose file listing asks for a whole CPU
+    # (not settable) and never starts on a one-CPU cluster beside the pool's actor
+    items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=max(1, len(files)))
+    read = items.map_batches(_read_feature_files, batch_size=1, batch_format="numpy", num_cpus=cpu.task_cpus)
+    return read.map_batches(
         stage,
         batch_size=4096,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.extract.num_workers)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpu.workers),
         fn_constructor_kwargs=kwargs,
-        num_cpus=cfg.extract.cpus_per_worker,
+        num_cpus=cpu.worker_cpus,
     )
+
+
+def _read_feature_files(batch: dict[str, np.ndarray]) -> pa.Table:
+    return pa.concat_tables([storage.read_parquet(str(f)) for f in batch["file"]])
 
 
 def _numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:

@@ -1,0 +1,52 @@
+"""A night on a one-CPU Ray finishes (the model worker and decoding share the CPU); a stage that cannot
+be scheduled at all fails naming itself after ``run.stall_timeout_s``, and the rerun resumes."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from gradood.config import ExtractConfig
+from gradood.pipeline import extract, ray_job
+from gradood.pipeline.watchdog import StallError
+from tests.test_pipeline_job import job_config, workspace  # noqa: F401  (a module fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("cpus", "expected"),
+    [
+        (8.0, extract.CpuPlan(workers=2, worker_cpus=1.0, task_cpus=1.0)),
+        (2.0, extract.CpuPlan(workers=1, worker_cpus=1.0, task_cpus=1.0)),
+        (1.0, extract.CpuPlan(workers=1, worker_cpus=0.5, task_cpus=0.5)),
+    ],
+)
+def test_cpu_plan_leaves_decoding_a_cpu(monkeypatch, cpus, expected):
+    monkeypatch.setattr(extract.ray, "cluster_resources", lambda: {"CPU": cpus})
+    plan = extract.plan_cpus(ExtractConfig(num_workers=2), shards=10, what="stage")
+    assert plan == expected
+    assert plan.workers * plan.worker_cpus + plan.task_cpus <= cpus
+
+
+@pytest.fixture(scope="module")
+def one_cpu_ray():
+    ray.init(num_cpus=1, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_one_cpu_night_finishes(one_cpu_ray, workspace, tmp_path):  # noqa: F811
+    cfg = job_config(workspace, str(tmp_path / "out"), "ray.num_cpus=1", "run.stall_timeout_s=240")
+    summary = ray_job.run_score_corpus(cfg)
+    assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1
+
+
+def test_unschedulable_stage_fails_by_name_and_rerun_completes(one_cpu_ray, workspace, tmp_path):  # noqa: F811
+    out = str(tmp_path / "out")
+    # a GPU the cluster does not have: the model workers never start
+    stuck = job_config(workspace, out, "extract.num_gpus_per_worker=1", "run.stall_timeout_s=15")
+    with pytest.raises(StallError, match=r"fit-set features: no progress for 15 s"):
+        ray_job.run_score_corpus(stuck)
+    summary = ray_job.run_score_corpus(job_config(workspace, out, "run.stall_timeout_s=240"))
+    assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1

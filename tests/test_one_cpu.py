@@ -3,13 +3,20 @@ be scheduled at all fails naming itself after ``run.stall_timeout_s``, and the r
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import ray
 
 from gradood.config import ExtractConfig
 from gradood.pipeline import extract, ray_job
 from gradood.pipeline.watchdog import StallError
-from tests.test_pipeline_job import job_config, workspace  # noqa: F401  (a module fixture)
+from tests.test_pipeline_job import job_config, job_overrides, workspace  # noqa: F401  (a module fixture)
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +51,17 @@ def test_one_cpu_night_finishes(one_cpu_ray, workspace, tmp_path):  # noqa: F811
 
 def test_unschedulable_stage_fails_by_name_and_rerun_completes(one_cpu_ray, workspace, tmp_path):  # noqa: F811
     out = str(tmp_path / "out")
-    # a GPU the cluster does not have: the model workers never start
-    stuck = job_config(workspace, out, "extract.num_gpus_per_worker=1", "run.stall_timeout_s=15")
-    with pytest.raises(StallError, match=r"fit-set features: no progress for 15 s"):
-        ray_job.run_score_corpus(stuck)
+    # a GPU the cluster does not have: the model workers never start. Run as the job a user runs, in its
+    # own process and embedded Ray: the stalled stage's executor is left behind, and the process exits.
+    stuck = job_overrides(
+        workspace, out, "ray.num_cpus=1", "extract.num_gpus_per_worker=1", "run.stall_timeout_s=15"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = str(REPO / "jobs" / "score_corpus.py")
+    job = subprocess.run(
+        [sys.executable, script, *stuck], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert job.returncode != 0
+    assert f"{StallError.__name__}: fit-set features: no progress for 15 s" in job.stderr
     summary = ray_job.run_score_corpus(job_config(workspace, out, "run.stall_timeout_s=240"))
     assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1

@@ -34,25 +34,26 @@ def workspace(tmp_path_factory):
 
 
 def job_config(ws, out: str, *extra: str) -> ScoreCorpusConfig:
-    return load_config(
-        ScoreCorpusConfig,
-        [],
-        [
-            f"model.checkpoint={ws['checkpoint']}",
-            f"corpus.uri={ws['corpus']}",
-            f"output.uri={out}",
-            f"fit.uri={FIT_URI}",
-            "fit.start=0",
-            "fit.size=40",
-            "extract.batch_size=8",
-            "extract.shard_size=8",
-            "extract.num_workers=2",
-            "extract.method=engine",
-            "train.if_missing=false",
-            "run.id=night",
-            *extra,
-        ],
-    )
+    return load_config(ScoreCorpusConfig, [], job_overrides(ws, out, *extra))
+
+
+def job_overrides(ws, out: str, *extra: str) -> list[str]:
+    """The small job's command-line keys (what ``python jobs/score_corpus.py`` takes)."""
+    return [
+        f"model.checkpoint={ws['checkpoint']}",
+        f"corpus.uri={ws['corpus']}",
+        f"output.uri={out}",
+        f"fit.uri={FIT_URI}",
+        "fit.start=0",
+        "fit.size=40",
+        "extract.batch_size=8",
+        "extract.shard_size=8",
+        "extract.num_workers=2",
+        "extract.method=engine",
+        "train.if_missing=false",
+        "run.id=night",
+        *extra,
+    ]
 
 
 def test_job_matches_in_process_reference(local_ray, workspace, tmp_path, capsys):

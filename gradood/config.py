@@ -1,19 +1,22 @@
 """Typed job configuration: dataclasses merged with YAML files and CLI dotlist overrides by omegaconf.
 
-Unknown keys and wrong types fail fast with the key named (omegaconf's ConfigKeyError /
-ValidationError); ``???`` values that are never set raise MissingMandatoryValue.
+Unknown keys, wrong types and values a dataclass refuses fail fast with one :class:`ConfigError` line
+naming the key; the jobs turn it into exit status 2 (:mod:`gradood.core.cli`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import MissingMandatoryValue, OmegaConf, ValidationError
+from omegaconf.errors import ConfigKeyError
 
+from gradood.core.choices import FeatureMethod, Interpolation, ResizePolicy
+from gradood.core.cli import ConfigError, check_dotlist, setting_keys, unknown_key
 from gradood.stats.conformal import Combination, FdrMethod
 from gradood.stats.layout import check_split
 from gradood.stats.suite import TestName
@@ -35,31 +38,42 @@ class ModelConfig:
 class ImageConfig:
     #: how inputs of another size reach the model's size: resize (whole image, aspect not kept),
     #: center_crop (crop/pad only), resize_center_crop (shorter side to size, then centre crop)
-    resize: str = "resize"
-    #: torchvision interpolation name for resizing
-    interpolation: str = "bilinear"
+    resize: ResizePolicy = ResizePolicy.resize
+    #: resampling filter for resizing: nearest, bilinear, bicubic, lanczos, box, hamming
+    interpolation: Interpolation = Interpolation.bilinear
 
 
 @dataclass
 class TrainConfig:
     #: training data; same URI forms as corpus.uri
     uri: str = "torchvision://FashionMNIST?split=train"
+    #: train on the first this many rows of train.uri (null: all)
     limit: int | None = None
+    #: passes over the training rows
     epochs: int = 3
+    #: rows per optimiser step on each worker
     batch_size: int = 64
+    #: Adam's learning rate after warmup
     lr: float = 1e-3
+    #: Adam's L2 penalty
     weight_decay: float = 0.0
+    #: gradients are clipped to this total norm
     grad_clip: float = 50.0
     #: optimiser steps of linear learning-rate warmup from lr/warmup_steps to lr
     warmup_steps: int = 200
     #: rows used for ActNorm's data-dependent init
     init_rows: int = 512
+    #: Ray Train workers (data-parallel)
     num_workers: int = 1
+    #: one GPU per training worker
     use_gpu: bool = False
+    #: CPUs each training worker asks Ray for
     cpus_per_worker: int = 1
     #: Ray Train run name and storage; rerunning with the same pair resumes from the latest checkpoint
     name: str = "glow_fmnist_small"
+    #: where Ray Train keeps the run (shared storage such as s3:// on a multi-node cluster)
     storage_path: str = "runs/ray_train"
+    #: worker failures Ray Train recovers from before the run fails
     max_failures: int = 0
     #: train when model.checkpoint does not exist (score_corpus only)
     if_missing: bool = True
@@ -69,8 +83,11 @@ class TrainConfig:
 class FitConfig:
     """Held-out in-distribution data the per-layer log-Gaussians are fitted on."""
 
+    #: held-out in-distribution rows (never rows the model was trained on); same URI forms as corpus.uri
     uri: str = "torchvision://FashionMNIST?split=train"
+    #: first row of fit.uri used
     start: int = 50_000
+    #: rows from fit.start on (null: all); fit, calibration part 1 and part 2 are split from them
     size: int | None = 10_000
     #: squared norms are clipped to this floor before the log (guards log(0) for dead layers)
     min_sqnorm: float = 1e-30
@@ -134,12 +151,15 @@ class ExtractConfig:
     gpu_batch_size: int = 512
     #: B>1: features of the gradient of the summed log-likelihood of B consecutive rows
     group_size: int = 1
-    #: loop | vmap | engine
-    method: str = "engine"
+    #: how the per-sample norms are computed (all exact): engine (fastest), vmap, loop (the reference)
+    method: FeatureMethod = FeatureMethod.engine
     #: rows per shard: the unit of parallelism, of output files and of retries
     shard_size: int = 512
+    #: model workers (Ray actors) computing the per-layer gradient norms
     num_workers: int = 2
+    #: CPUs each model worker asks Ray for (shrunk to fit a smaller cluster, with a log line)
     cpus_per_worker: float = 1.0
+    #: GPUs each model worker asks Ray for (0: CPU workers)
     num_gpus_per_worker: float = 0.0
     #: torch intra-op threads per worker (0: leave torch's default)
     torch_threads: int = 1
@@ -154,9 +174,11 @@ class CorpusConfig:
     uri: str = "demo"
     #: Parquet image column (auto-detected when null)
     image_column: str | None = None
+    #: score only the first this many inputs (null: all)
     limit: int | None = None
     #: uri=demo: rows of each OOD source, and held-out FashionMNIST rows (a night mostly in-distribution)
     demo_rows_per_source: int = 50
+    #: uri=demo: held-out FashionMNIST rows of the demo night
     demo_id_rows: int = 2000
     #: pixels (width * height) above which an image is an error row (checked before decoding); null: no limit
     max_pixels: int | None = 50_000_000
@@ -166,6 +188,7 @@ class CorpusConfig:
 
 @dataclass
 class OutputConfig:
+    #: where detector.json, the run partitions (runs/<id>/), runs.json and report.html go
     uri: str = "runs/score_corpus"
     #: detector.json location (default OUTPUT/detector.json); an existing one is reused when its
     #: model fingerprint, group size and fit settings match
@@ -195,6 +218,7 @@ class RunConfig:
 
 @dataclass
 class TrainJobConfig:
+    #: every random draw derives from the seed and the row id
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -217,7 +241,9 @@ class ScoreCorpusConfig(TrainJobConfig):
 
 @dataclass
 class EvaluateSettings:
+    #: model families of the grid
     families: list[str] = field(default_factory=lambda: ["glow", "ddpm", "vae", "pixelcnn"])
+    #: set sizes B of the grid (1: single images)
     group_sizes: list[int] = field(default_factory=lambda: [1, 5])
     #: OOD sources of gradood.data.demo (held-out FashionMNIST is always the in-distribution source)
     sources: list[str] = field(
@@ -231,11 +257,13 @@ class EvaluateSettings:
             "photo_patches",
         ]
     )
+    #: rows of each OOD source in the grid's corpus
     rows_per_source: int = 1000
     #: held-out FashionMNIST rows of the corpus (test rows 5000 on; the derived sources read the rows after)
     id_rows: int = 2000
     #: realistic nights (B=1): rows per night, drawn from the run's rows at each OOD share, and draws
     night_rows: int = 2000
+    #: random nights drawn at each OOD share
     night_draws: int = 5
     #: more (far-)OOD sources by URI, name -> uri, e.g. mnist: torchvision://MNIST?split=test&root=DIR
     extra_sources: dict[str, str] = field(default_factory=dict)
@@ -249,6 +277,7 @@ class EvaluateSettings:
 
 @dataclass
 class EvaluateOutput:
+    #: where the grid's tables, report and per-run outputs go
     uri: str = "runs/evaluate"
 
 
@@ -256,6 +285,7 @@ class EvaluateOutput:
 class EvaluateConfig:
     """The grid's own settings; every other key=value goes to each (family, group size) score-corpus run."""
 
+    #: every random draw derives from the seed and the row id
     seed: int = 0
     output: EvaluateOutput = field(default_factory=EvaluateOutput)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
@@ -268,24 +298,49 @@ def load_config(schema: type[T], yaml_files: Sequence[str | Path] = (), override
     """schema defaults <- each YAML file in order <- CLI dotlist overrides; returns a plain dataclass.
 
     A YAML may name extra files under a top-level ``defaults: [model/glow]`` list (relative to conf/),
-    merged before the file itself; ``model=NAME`` on the command line merges ``conf/model/NAME.yaml``.
+    merged before the file itself; ``model=NAME`` on the command line merges ``conf/model/NAME.yaml``
+    (its params replace the earlier family's). Of such a family file only the sections that ``schema``
+    has apply (the analyses have no ``train``). A bad key or value raises :class:`ConfigError` with a
+    one-line message naming the key (and, for an unknown key, the closest valid ones).
     """
+    check_dotlist(overrides)
+    try:
+        return _compose(schema, yaml_files, overrides)
+    except ConfigKeyError as e:
+        key = str(e.full_key)  # omegaconf names the first unknown part; the user typed the whole key
+        typed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith(f"{key}.")]
+        raise unknown_key(typed[0] if typed else key, setting_keys(schema())) from None
+    except (ValidationError, MissingMandatoryValue) as e:
+        key = f"{e.full_key}: " if e.full_key else ""
+        raise ConfigError(key + str(e).splitlines()[0]) from None
+    except ValueError as e:  # a dataclass's own check (__post_init__)
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _compose(schema: type[T], yaml_files: Sequence[str | Path], overrides: Sequence[str]) -> T:
     merged = OmegaConf.structured(schema)
+    sections = {f.name for f in fields(schema)}  # type: ignore[arg-type]
+
+    def family_file(path: Path) -> Any:
+        data = OmegaConf.load(path)
+        return {k: v for k, v in data.items() if k in sections}
+
     cli = list(overrides)
     model_shortcut = [o for o in cli if o.startswith("model=")]
     cli = [o for o in cli if not o.startswith("model=")]
     for path in yaml_files:
         data = OmegaConf.load(path)
         for default in data.pop("defaults", []) or []:
-            merged = OmegaConf.merge(merged, OmegaConf.load(CONF_DIR / f"{default}.yaml"))
+            merged = OmegaConf.merge(merged, family_file(CONF_DIR / f"{default}.yaml"))
         merged = OmegaConf.merge(merged, data)
     for item in model_shortcut:
         name = item.split("=", 1)[1]
         path = CONF_DIR / "model" / f"{name}.yaml"
         if not path.is_file():
-            raise ValueError(f"model={name}: no config {path}")
+            known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+            raise ConfigError(f"model={name}: no such family; one of {', '.join(known)}")
         merged.model.params = {}  # dicts merge key by key: another family's params must not leak in
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, family_file(path))
     merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(cli))
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gradood.analysis.config import load_analyse_config  # noqa: E402
+from gradood.core.cli import help_text, run_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -29,4 +30,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    usage = "usage: python jobs/analyse.py [model=NAME] [key=value ...]"
+    sys.exit(run_job(main, sys.argv[1:], lambda: help_text(usage, load_analyse_config(), __doc__)))

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gradood.config import EvaluateConfig, load_config  # noqa: E402
+from gradood.config import CONF_DIR, EvaluateConfig, ScoreCorpusConfig, load_config  # noqa: E402
+from gradood.core.cli import help_text, run_job  # noqa: E402
 
 OWN_KEYS = ("seed=", "output.", "evaluate.")
 
@@ -24,11 +25,15 @@ OWN_KEYS = ("seed=", "output.", "evaluate.")
 def main(argv: list[str]) -> int:
     own = [a for a in argv if a.startswith(OWN_KEYS)]
     cfg = load_config(EvaluateConfig, [], own)
+    runs = [a for a in argv if a not in own]
+    load_config(ScoreCorpusConfig, [CONF_DIR / "score_corpus.yaml"], runs)  # a bad key fails before any work
     from gradood.evaluation.run import run_evaluation
 
-    run_evaluation(cfg, [a for a in argv if a not in own], "python jobs/evaluate.py " + shlex.join(argv))
+    run_evaluation(cfg, runs, "python jobs/evaluate.py " + shlex.join(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    usage = "usage: python jobs/evaluate.py [evaluate.KEY=value ...] [score-corpus key=value ...]"
+    note = f"{__doc__}\nThe score-corpus keys: python jobs/score_corpus.py --help"
+    sys.exit(run_job(main, sys.argv[1:], lambda: help_text(usage, load_config(EvaluateConfig), note)))

@@ -15,10 +15,13 @@ if str(ROOT) not in sys.path:  # runnable from a checkout (or a ray job working 
     sys.path.insert(0, str(ROOT))
 
 from gradood.config import CONF_DIR, ScoreCorpusConfig, load_config  # noqa: E402
+from gradood.core.cli import help_text, run_job  # noqa: E402
+
+YAML = [CONF_DIR / "score_corpus.yaml"]
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(ScoreCorpusConfig, [CONF_DIR / "score_corpus.yaml"], argv)
+    cfg = load_config(ScoreCorpusConfig, YAML, argv)
     from gradood.pipeline.ray_job import run_score_corpus
 
     run_score_corpus(cfg)
@@ -26,4 +29,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    usage = "usage: python jobs/score_corpus.py [key=value ...]"
+    defaults = lambda: load_config(ScoreCorpusConfig, YAML)  # noqa: E731
+    sys.exit(run_job(main, sys.argv[1:], lambda: help_text(usage, defaults(), __doc__)))

@@ -24,15 +24,27 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from gradood.config import CONF_DIR, TrainJobConfig, load_config, to_yaml  # noqa: E402
+from gradood.core.cli import help_text, run_job  # noqa: E402
+
+USAGE = "usage: python jobs/train.py [--config FILE] [key=value ...]"
+
+
+def _split(argv: list[str]) -> tuple[str, list[str]]:
+    """The --config YAML (default conf/train.yaml) and the key=value settings."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=str(CONF_DIR / "train.yaml"))
+    args, overrides = parser.parse_known_args(argv)
+    return args.config, overrides
+
+
+def _help(argv: list[str]) -> str:
+    config, _ = _split([a for a in argv if a not in ("-h", "--help")])
+    return help_text(USAGE, load_config(TrainJobConfig, [config]), f"{__doc__}\nDefaults from {config}.")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=str(CONF_DIR / "train.yaml"), help="YAML with the settings")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(TrainJobConfig, [args.config], overrides)
+    config, overrides = _split(argv)
+    cfg = load_config(TrainJobConfig, [config], overrides)
     print(to_yaml(cfg), flush=True)
     from gradood.pipeline.ray_job import init_ray
     from gradood.train import train_model
@@ -53,4 +65,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_job(main, sys.argv[1:], lambda: _help(sys.argv[1:])))

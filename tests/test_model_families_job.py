@@ -4,6 +4,7 @@ first), then features, reducer, detector and ranked scores on a corpus with a co
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -65,4 +66,6 @@ def test_family_trains_on_ray_train_and_scores_end_to_end(local_ray, family, tmp
     assert detector["model_fingerprint"] == meta["fingerprint"] and detector["model"]["name"] == family
     scores = storage.read_parquet(storage.join(summary["output"], "scores")).to_pylist()
     assert [r["rank"] for r in scores] == list(range(1, 10))
-    assert all(r["ood_score"] == r["ood_score"] for r in scores)  # finite, not NaN
+    assert all(math.isfinite(r["ood_score"]) for r in scores), [r["ood_score"] for r in scores]
+    ranked = [r["ood_score"] for r in sorted(scores, key=lambda r: r["rank"])]
+    assert ranked == sorted(ranked, reverse=True)  # rank 1 = most OOD

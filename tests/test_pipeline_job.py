@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from sklearn.metrics import roc_auc_score
 
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.models.checkpoint import load_checkpoint
@@ -235,9 +237,21 @@ def test_demo_corpus_run_reports_auroc_per_source(local_ray, workspace, tmp_path
     assert set(demo["sources"]) == {"digits", "fashion_mnist_inverted", "uniform_noise"}
     # sets of 5 consecutive rows: 2 corrupt files shift the folders, so 3 boundary sets mix two sources
     assert demo["mixed_sets_left_out"] == 3
-    for row in demo["sources"].values():
+    # the report's numbers, recomputed from the scores file: a set's label is its members' folder
+    scores = storage.read_parquet(storage.join(summary["output"], "scores")).to_pylist()
+    folders = [{PurePosixPath(m).parent.name for m in r["member_ids"]} for r in scores]
+    label = np.array([f.pop() if len(f) == 1 else "mixed" for f in folders])
+    assert (label == "mixed").sum() == 3
+    for name, row in demo["sources"].items():
+        pair = np.isin(label, ["fashion_mnist", name])
+        is_ood = label[pair] == name
         for score in ("ood_score", "score:typicality"):
-            assert row[score]["n_id"] == 1 and row[score]["n_ood"] >= 1
+            s = np.array([r[score] for r in scores])[pair]
+            assert row[score]["n_id"] == 1 and row[score]["n_ood"] == is_ood.sum() >= 1
+            assert row[score]["auroc"] == pytest.approx(roc_auc_score(is_ood, s), abs=1e-12), (name, score)
+        assert demo["flagged"][name] == sum(
+            r["flagged"] for r, lab in zip(scores, label, strict=True) if lab == name
+        )
     scores = storage.read_parquet(str(tmp_path / "out" / "runs" / "night" / "scores"))
     assert sum(demo["flagged"].values()) == summary["flagged"] == sum(scores.column("flagged").to_pylist())
     # per source: its share of the night's sets, its power, and the false discoveries

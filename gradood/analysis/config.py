@@ -1,8 +1,9 @@
 """Configuration of ``jobs/analyse.py``: the paper's analyses of per-layer gradient norms for one model.
 
 The same omegaconf scheme as the other jobs (:func:`gradood.config.load_config`): dataclass defaults <-
-``conf/analyse.yaml`` <- ``key=value`` overrides. The model defaults to the project's default family, the
-``model/<name>`` entry of ``conf/score_corpus.yaml``'s ``defaults`` list, so both jobs follow one choice.
+``conf/analyse.yaml`` <- the family's ``model:`` section <- ``key=value`` overrides. The model defaults
+to the project's default family, the ``model/<name>`` entry of ``conf/score_corpus.yaml``'s
+``defaults`` list, so both jobs follow one choice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from gradood.config import CONF_DIR, ExtractConfig, FitConfig, ImageConfig, ModelConfig, RayConfig
+from gradood.config import (
+    CONF_DIR,
+    ExtractConfig,
+    FitConfig,
+    ImageConfig,
+    ModelConfig,
+    RayConfig,
+    load_config,
+)
+from gradood.core.cli import ConfigError
 
 ANALYSE_YAML = CONF_DIR / "analyse.yaml"
 SCORE_CORPUS_YAML = CONF_DIR / "score_corpus.yaml"
@@ -55,6 +65,7 @@ class AnalyseSettings:
     n_separating_layers: int = 3
     #: ... plus n_random drawn from the others with numpy's default_rng(seed)
     n_random_layers: int = 3
+    #: bins of the per-layer histograms
     histogram_bins: int = 40
     #: level of the per-layer normality tests of log f_j on the fit set
     normality_alpha: float = 0.05
@@ -68,6 +79,7 @@ class AnalyseSettings:
     fisher_weights: int = 50
     #: Monte Carlo draws of the FIM estimate
     fisher_samples: int = 300
+    #: where the Fisher estimate draws x from: auto, samples (x ~ p_theta) or data (held-out rows)
     fisher_source: FisherSource = FisherSource.auto
     #: column permutations averaged in the independent-coordinates null of the diagonal dominance ratio
     fisher_null_permutations: int = 20
@@ -77,6 +89,7 @@ class AnalyseSettings:
 
 @dataclass
 class AnalyseOutput:
+    #: where report.html, report.md, analysis.json and the figures go
     uri: str = "runs/analyse"
 
 
@@ -93,6 +106,7 @@ class AnalyseConfig:
     """Model, image conversion, fit set (log f_j statistics), extraction and Ray settings, plus the
     analyses' own. ``fit.calibration_fraction`` and ``fit.refit`` are not used (nothing is calibrated)."""
 
+    #: every random draw derives from the seed and the row id
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -113,26 +127,20 @@ def default_family() -> str | None:
 
 
 def load_analyse_config(overrides: Sequence[str] = ()) -> AnalyseConfig:
-    """Defaults <- the model family's ``model:`` section <- conf/analyse.yaml <- ``overrides``.
+    """Defaults <- conf/analyse.yaml <- the model family's ``model:`` section <- ``overrides``.
 
-    The family is the project's default one unless a ``model=NAME`` override names another (its params
-    then replace the default's; they never merge). Unknown keys and wrong types fail naming the key.
+    The family is the project's default one unless a ``model=NAME`` override names another. A bad key
+    or value raises :class:`~gradood.core.cli.ConfigError` naming it.
     """
-    cli = [o for o in overrides if not o.startswith("model=")]
-    families = [o.split("=", 1)[1] for o in overrides if o.startswith("model=")] or [default_family()]
-    merged = OmegaConf.structured(AnalyseConfig)
-    for name in [f for f in families if f]:
-        path = CONF_DIR / "model" / f"{name}.yaml"
-        if not path.is_file():
-            raise ValueError(f"model={name}: no config {path}")
-        merged.model.params = {}  # dicts merge key by key: another family's params must not leak in
-        # a family file also holds its training settings (train.*); only its model section applies here
-        merged = OmegaConf.merge(merged, {"model": OmegaConf.load(path).model})
-    if ANALYSE_YAML.is_file():
-        merged = OmegaConf.merge(merged, OmegaConf.load(ANALYSE_YAML))
-    merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(cli))
-    cfg: AnalyseConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    check_config(cfg)
+    default = default_family()
+    named = any(o.startswith("model=") for o in overrides)
+    family = [f"model={default}"] if default and not named else []
+    yaml_files = [ANALYSE_YAML] if ANALYSE_YAML.is_file() else []
+    cfg = load_config(AnalyseConfig, yaml_files, [*family, *overrides])
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -30,15 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-RESIZE_POLICIES = ("resize", "center_crop", "resize_center_crop")
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+from gradood.core.choices import Interpolation, ResizePolicy
+
+RESIZE_POLICIES = tuple(p.value for p in ResizePolicy)
+INTERPOLATIONS = {i.value: Image.Resampling[i.name.upper()] for i in Interpolation}
 _CHANNELS = {"L": 1, "RGB": 3}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 #: default pixel limit (width * height) per image: 50 MP, well above photographs a model is run on
@@ -160,8 +155,8 @@ class ImageConverter:
             raise ValueError(f"image size must be positive (height, width), got {tuple(size)}")
         self.mode = mode
         self.size = (height, width)
-        self.resize = resize
-        self.interpolation = interpolation
+        self.resize = ResizePolicy(resize).value
+        self.interpolation = Interpolation(interpolation).value
 
     @classmethod
     def for_model(cls, model: Any, resize: str = "resize", interpolation: str = "bilinear") -> ImageConverter:

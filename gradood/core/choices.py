@@ -1,0 +1,39 @@
+"""Closed choices shared by the configuration and the code that acts on them (a bad value fails when the
+config is read, before Ray starts)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ResizePolicy(StrEnum):
+    """How an input of another size reaches the model's size."""
+
+    #: scale the whole image to the size (aspect ratio not kept)
+    resize = "resize"
+    #: crop or zero-pad to the size, no scaling
+    center_crop = "center_crop"
+    #: scale the shorter side to the size, then crop the centre
+    resize_center_crop = "resize_center_crop"
+
+
+class Interpolation(StrEnum):
+    """Resampling filter for resizing (Pillow's names)."""
+
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    lanczos = "lanczos"
+    box = "box"
+    hamming = "hamming"
+
+
+class FeatureMethod(StrEnum):
+    """How the per-sample squared gradient norms are computed (all exact; they differ in speed)."""
+
+    #: one backward pass per row (the reference)
+    loop = "loop"
+    #: torch.func's vmap over per-row gradients
+    vmap = "vmap"
+    #: gradood's engine: per-layer norms from one batched backward pass
+    engine = "engine"

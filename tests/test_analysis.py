@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from gradood.analysis import AffineMap, LogitMap, TransformedInput, invariance_check, layers
 from gradood.analysis import fisher as fim
 from gradood.analysis.config import default_family, load_analyse_config
+from gradood.core.cli import ConfigError
 from gradood.data.fashion_mnist import load_fashion_mnist
 from gradood.features import feature_layer_names
 from gradood.models.base import DensityModel
@@ -263,9 +264,9 @@ def test_config_defaults_follow_the_project_default_model():
     glow = load_analyse_config(["model=glow", "analyse.fisher_weights=10"])
     assert glow.model.name == "glow" and "latent_dim" not in glow.model.params
     assert glow.analyse.fisher_weights == 10
-    with pytest.raises(Exception, match="nonsense"):
+    with pytest.raises(ConfigError, match=r"^unknown key analyse\.nonsense"):
         load_analyse_config(["analyse.nonsense=1"])
-    with pytest.raises(ValueError, match="group_sizes"):
+    with pytest.raises(ConfigError, match="group_sizes"):
         load_analyse_config(["analyse.group_sizes=[5]"])
 
 

@@ -1,6 +1,6 @@
 """Object storage end to end on a local S3 server (moto): the checkpoint, the fit set, the corpus
-(Parquet, and the demo's folder), the outputs and the detector on ``s3://``, with the scores bit for bit
-those of the same job on local disk.
+(Parquet, and the demo's folder), the outputs and the detector on ``s3://``, with the scores
+those of the same job on local disk (to float32 rounding).
 
 Every location goes through pyarrow's ``FileSystem.from_uri``; the endpoint reaches pyarrow (driver and
 Ray workers alike) through ``AWS_ENDPOINT_URL_S3`` in the environment, set by the ``s3_server`` fixture
@@ -164,24 +164,28 @@ def relative(ids: list[str], root: str) -> list[str]:
 
 
 def assert_same_features(a: pa.Table, b: pa.Table) -> None:
-    """log p and every layer's squared gradient norm, bit for bit, row for row."""
+    """log p and every layer's squared gradient norm, row for row, to float32 rounding (a few ulps:
+    the CPU's convolution kernels may sum in another order on another machine or buffer)."""
     assert a.column("row_index").equals(b.column("row_index"))
     columns = [c for c in a.column_names if c == "log_prob" or c.startswith(SQNORM_PREFIX)]
     assert columns == [c for c in b.column_names if c == "log_prob" or c.startswith(SQNORM_PREFIX)]
     assert len(columns) > 40
     for column in columns:
-        np.testing.assert_array_equal(a.column(column).to_numpy(), b.column(column).to_numpy(), column)
+        np.testing.assert_allclose(
+            a.column(column).to_numpy(), b.column(column).to_numpy(), rtol=1e-5, err_msg=column
+        )
 
 
 def assert_same_scores(a: pa.Table, b: pa.Table) -> None:
     """Every column but the ids (ranks, scores, p- and q-values, flags, drivers, top layers, each
-    test's score and p-value), bit for bit, in rank order."""
+    test's score and p-value) in rank order: floats to the rounding the features carry, the rest
+    exactly."""
     assert a.column_names == b.column_names and a.num_rows == b.num_rows > 0
     for column in a.column_names:
         if column != "id":
             x, y = a.column(column), b.column(column)
             if pa.types.is_floating(x.type):
-                np.testing.assert_array_equal(x.to_numpy(), y.to_numpy(), column)
+                np.testing.assert_allclose(x.to_numpy(), y.to_numpy(), rtol=1e-4, err_msg=column)
             else:
                 assert x.to_pylist() == y.to_pylist(), column
 
@@ -242,7 +246,7 @@ def test_job_on_s3_equals_the_job_on_local_disk(s3_night, client, inputs):
     }
     assert all(r["mtime_ns"] > 0 for r in manifest)
 
-    # the fit set the workers read from the bucket is the local folder, feature for feature, bit for bit
+    # the fit set the workers read from the bucket is the local folder, feature for feature
     fit_features = read(f"{S3['out']}/fit/features")
     reference = in_process_features(inputs["fit"])
     assert relative(fit_features.column("id").to_pylist(), S3["fit"]) == relative(
@@ -252,7 +256,7 @@ def test_job_on_s3_equals_the_job_on_local_disk(s3_night, client, inputs):
 
     # the same job on local disk, with the same detector (a local copy: the fit/calibration split is a
     # hash of the row ids, which hold the location, so a detector fitted from the local copy of the fit
-    # set would be calibrated on other rows): every feature and every score column, bit for bit
+    # set would be calibrated on other rows): every feature and every score column
     copy = inputs["root"] / "detector.json"
     copy.write_bytes(get(client, "detectors/pixelcnn.json"))
     local_out = inputs["root"] / "out"

@@ -90,7 +90,9 @@ def compute_features(
             hi += 1
         r0, r1 = int(starts[lo]), int(ends[hi - 1])
         ids = rows.ids[r0:r1]
-        x = torch.from_numpy(rows.images[r0:r1]).to(device=device, dtype=torch.float32)
+        # a fresh tensor, not a view of the decoded block: CPU kernels may round differently on
+        # buffers of other alignment, and the same row must give the same bits in any shard layout
+        x = torch.tensor(rows.images[r0:r1], dtype=torch.float32, device=device)
         noise = {k: v.to(device) for k, v in draw_noise(model.noise_spec(), ids, seed).items()}
         local_groups = torch.from_numpy(np.searchsorted(starts[lo:hi], np.arange(r0, r1), side="right") - 1)
         res = extract_features(model, x, noise, local_groups.to(device), method=method)

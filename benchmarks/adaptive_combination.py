@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from combination_search import TOLERANCE, aurocs, load_run
 
+from gradood.core import storage
 from gradood.data.demo import DEMO_ID_SOURCE, demo_source_of
-from gradood.pipeline import storage
 from gradood.pipeline.tables import feature_matrix
 from gradood.stats import DetectorSuite
 from gradood.stats.adaptive import adaptive_p_values, component_tail

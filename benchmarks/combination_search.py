@@ -21,8 +21,8 @@ import numpy as np
 from scipy.special import logsumexp
 
 from gradood.config import ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.data.demo import DEMO_ID_SOURCE, demo_source_of
-from gradood.pipeline import storage
 from gradood.pipeline.publish import published_runs, run_dir
 from gradood.pipeline.tables import feature_matrix
 from gradood.stats import DetectorSuite, TestName, ood_metrics

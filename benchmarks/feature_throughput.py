@@ -252,9 +252,10 @@ def bench_pipeline(args: argparse.Namespace) -> list[dict]:
     from PIL import Image
 
     from gradood.config import ScoreCorpusConfig, load_config
+    from gradood.core.ray_runtime import init_ray
     from gradood.data.sources import open_source
     from gradood.models.checkpoint import WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
-    from gradood.pipeline.extract import init_ray, run_extraction
+    from gradood.pipeline.extract import run_extraction
 
     family, device = "glow", torch.device("cpu")
     torch.set_num_threads(1)  # what each pipeline worker runs with (extract.torch_threads=1)

@@ -15,11 +15,9 @@ from typing import Any, TypeVar
 from omegaconf import MissingMandatoryValue, OmegaConf, ValidationError
 from omegaconf.errors import ConfigKeyError
 
-from gradood.core.choices import FeatureMethod, Interpolation, ResizePolicy
+from gradood.core.checks import check_split
+from gradood.core.choices import Combination, FdrMethod, FeatureMethod, Interpolation, ResizePolicy, TestName
 from gradood.core.cli import ConfigError, check_dotlist, setting_keys, unknown_key
-from gradood.stats.conformal import Combination, FdrMethod
-from gradood.stats.layout import check_split
-from gradood.stats.suite import TestName
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     config, overrides = _split(argv)
     cfg = load_config(TrainJobConfig, [config], overrides)
     print(to_yaml(cfg), flush=True)
-    from gradood.pipeline.ray_job import init_ray
+    from gradood.core.ray_runtime import init_ray
     from gradood.train import train_model
 
     # embedded Ray gets at least the CPUs the workers ask for, plus one for the Ray Data tasks that read

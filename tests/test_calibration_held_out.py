@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from gradood.config import CONF_DIR, ScoreCorpusConfig, load_config
-from gradood.pipeline import ray_job, storage
+from gradood.core import storage
+from gradood.pipeline import ray_job
 from gradood.pipeline.tables import feature_matrix
 from gradood.stats import DetectorSuite, TestName
 from gradood.stats.adaptive import training_mask, training_rate

@@ -407,7 +407,7 @@ class _Rows(CorpusSource):
         super().__init__("memory://", **limits)
         self.payloads = payloads
 
-    def _total_rows(self) -> int:
+    def total_rows(self) -> int:
         return len(self.payloads)
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:
@@ -440,7 +440,7 @@ def _rows(source: CorpusSource, shard_size: int) -> list[tuple]:
 
 def test_listing_in_ray_tasks_is_the_in_memory_listing(folder_zoo, local_ray, tmp_path):
     """Parts listed by tasks give the same rows, ids, indices, skipped counts and inputs as one pass."""
-    from gradood.pipeline import storage
+    from gradood.core import storage
     from gradood.pipeline.plan import stage_listing
     from gradood.pipeline.publish import new_or_changed, read_seen
 

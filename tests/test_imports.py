@@ -36,3 +36,8 @@ def test_stats_names_load_on_first_use():
     assert set(gradood.stats.__all__) <= set(dir(gradood.stats))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gradood.stats.nothing  # noqa: B018
+
+
+def test_reading_the_config_loads_no_statistics_torch_or_ray():
+    # the jobs read and check their config (and answer --help) before any heavy import
+    assert loaded_after_import("gradood.config", ["scipy", "sklearn", "torch", "ray"]) == []

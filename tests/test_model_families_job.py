@@ -9,8 +9,9 @@ import math
 import pytest
 
 from gradood.config import ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.models.checkpoint import load_checkpoint
-from gradood.pipeline import ray_job, storage
+from gradood.pipeline import ray_job
 from tests.pipeline_fixtures import write_png_folder
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from gradood.config import ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.data.fashion_mnist import load_fashion_mnist
-from gradood.pipeline import ray_job, storage
+from gradood.pipeline import ray_job
 from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
 
 pytestmark = pytest.mark.slow

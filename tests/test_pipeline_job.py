@@ -14,8 +14,9 @@ import ray
 from sklearn.metrics import roc_auc_score
 
 from gradood.config import ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.models.checkpoint import load_checkpoint
-from gradood.pipeline import fit, ray_job, storage
+from gradood.pipeline import fit, ray_job
 from gradood.pipeline.tables import SQNORM_PREFIX, sqnorm_matrix, table_metadata
 from gradood.stats import DetectorSuite, log_features
 from tests.pipeline_fixtures import reference_scores, tiny_glow_checkpoint, write_png_folder

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gradood.config import ScoreCorpusConfig, load_config
-from gradood.pipeline import storage
+from gradood.core import storage
 from gradood.pipeline.score import score_run
 from gradood.pipeline.tables import feature_table, suite_feature_names
 from gradood.report.run import ErrorReasons, render_run_report

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from gradood.config import ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.data.sources import LoadedRows, open_source
 from gradood.features import extract_features
 from gradood.models.checkpoint import WEIGHTS_FILE, load_checkpoint, read_checkpoint_meta
-from gradood.pipeline import storage
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
 from gradood.pipeline.score import fit_night
 from gradood.pipeline.scoring import Scorer

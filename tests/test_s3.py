@@ -31,12 +31,13 @@ import pytest
 from PIL import Image
 
 from gradood.config import ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.data.demo import DEMO_ID_SOURCE, DEMO_OOD_SOURCES, build_demo_corpus
 from gradood.data.fashion_mnist import load_fashion_mnist
 from gradood.data.images import ImageConverter
 from gradood.data.sources import load_all, open_source
 from gradood.models.checkpoint import load_checkpoint
-from gradood.pipeline import ray_job, storage
+from gradood.pipeline import ray_job
 from gradood.pipeline.stages import compute_features
 from gradood.pipeline.tables import SQNORM_PREFIX, feature_table
 

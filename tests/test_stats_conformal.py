@@ -6,6 +6,7 @@ import pytest
 from scipy.stats import false_discovery_control
 
 from gradood.stats import (
+    CombinedTest,
     ConformalCalibrator,
     DetectorSuite,
     FdrMethod,
@@ -218,3 +219,33 @@ def test_combined_test_separates_what_either_component_sees():
     flagged = suite.p_value(decorrelated) <= 0.05
     assert np.mean(suite.score_all(decorrelated)["driver"][flagged] == "fullcov") > 0.5
     assert len(names) == suite.n_features_in_
+
+
+def test_combined_test_follows_its_definition():
+    rng = np.random.default_rng(3)
+    part_1, part_2, night = rng.normal(size=(200, 2)), rng.normal(size=(150, 2)), rng.normal(size=(40, 2))
+    components = [ConformalCalibrator(part_1[:, 0]), EqualTailedCalibrator(part_1[:, 1])]
+    for rule, merge in (("fisher", lambda lp: -2 * lp.sum(axis=1)), ("tippett", lambda lp: -lp.min(axis=1))):
+        test = CombinedTest(components, rule).calibrate(part_2)
+
+        def by_hand(x, merge=merge):
+            return merge(np.column_stack([c.log_tail(x[:, k]) for k, c in enumerate(components)]))
+
+        stat, smallest = test.statistic(night)
+        np.testing.assert_array_equal(stat, by_hand(night))
+        log_p = np.column_stack([c.log_tail(night[:, k]) for k, c in enumerate(components)])
+        np.testing.assert_array_equal(smallest, np.argmin(log_p, axis=1))
+        calibration = by_hand(part_2)
+        expected = np.array([1 + np.sum(calibration >= s) for s in stat])  # p = k / (n + 1)
+        np.testing.assert_array_equal(test.p_index(stat), expected)
+        assert test.calibrator.n == 150
+
+
+def test_combined_test_refuses_the_adaptive_rule_no_components_and_no_calibration():
+    calibrator = ConformalCalibrator(np.arange(10.0))
+    with pytest.raises(ValueError, match="fisher or tippett"):
+        CombinedTest([calibrator], "adaptive")
+    with pytest.raises(ValueError, match="at least one component"):
+        CombinedTest([], "fisher")
+    with pytest.raises(ValueError, match="not calibrated"):
+        CombinedTest([calibrator], "fisher").p_index(np.zeros(3))

@@ -13,7 +13,7 @@ import numpy as np
 from gradood.analysis import figures
 from gradood.analysis.figures import SOURCE_LABEL
 from gradood.analysis.fisher import diagonal_dominance
-from gradood.pipeline import storage
+from gradood.core import storage
 from gradood.report.html import html_page, html_table, markdown_table, png_data_uri, save_figure
 
 #: Prop. 1 "holds to float tolerance" below these (float64; relative feature error, shift error relative

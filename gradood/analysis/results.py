@@ -12,10 +12,10 @@ import torch
 from gradood.analysis import fisher, layers
 from gradood.analysis.config import AnalyseConfig
 from gradood.analysis.invariance import AffineMap, LogitMap, invariance_check
+from gradood.core import storage
 from gradood.data.demo import DEMO_ID_SOURCE, demo_source_of
 from gradood.features.core import trainable_parameters
 from gradood.models.base import DensityModel
-from gradood.pipeline import storage
 from gradood.pipeline.tables import sqnorm_matrix
 from gradood.seeding import draw_noise, row_seed
 from gradood.stats.layout import log_features

@@ -23,13 +23,15 @@ from gradood.analysis.results import (
     read_features,
 )
 from gradood.config import ScoreCorpusConfig, to_yaml
+from gradood.core import storage
+from gradood.core.progress import progress
+from gradood.core.ray_runtime import init_ray
 from gradood.data.demo import DEMO_ID_SOURCE, build_image_corpus
 from gradood.data.images import ImageConverter
 from gradood.data.sources import load_all, open_source
 from gradood.features import feature_layer_names
 from gradood.models.checkpoint import WEIGHTS_FILE, checkpoint_exists, model_from_bytes, read_checkpoint_meta
-from gradood.pipeline import storage
-from gradood.pipeline.extract import init_ray, log, run_extraction
+from gradood.pipeline.extract import run_extraction
 
 
 def rows_multiple(rows: int, group_sizes: list[int]) -> int:
@@ -92,7 +94,9 @@ def run_analysis(cfg: AnalyseConfig, command: str = "python jobs/analyse.py") ->
     storage.write_text(storage.join(out, "run.yaml"), to_yaml(cfg))
     model, weights, meta, ckpt = load_model(cfg)
     layer_names = feature_layer_names(model)
-    log(f"analyse: model {meta['model']} {meta['fingerprint'][:12]} from {ckpt}: {len(layer_names)} layers")
+    progress(
+        f"analyse: model {meta['model']} {meta['fingerprint'][:12]} from {ckpt}: {len(layer_names)} layers"
+    )
     ex = cfg.extract
     init_ray(cfg.ray.num_cpus, ex.num_workers * ex.cpus_per_worker + 1)
     seconds: dict[str, float] = {}
@@ -146,7 +150,7 @@ def run_analysis(cfg: AnalyseConfig, command: str = "python jobs/analyse.py") ->
     seconds["total"] = time.perf_counter() - t_start
     numbers = storage.read_json(paths["json"])
     storage.write_json(paths["json"], {**numbers, "seconds": seconds})  # now with the total
-    log(f"analyse: report {paths['html']} ({seconds['total']:.0f} s)")
+    progress(f"analyse: report {paths['html']} ({seconds['total']:.0f} s)")
     for line in paths["headline"]:
-        log(line)
+        progress(line)
     return {"output": out, "seconds": seconds, **paths}

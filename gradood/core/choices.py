@@ -37,3 +37,38 @@ class FeatureMethod(StrEnum):
     vmap = "vmap"
     #: gradood's engine: per-layer norms from one batched backward pass
     engine = "engine"
+
+
+class FdrMethod(StrEnum):
+    """Benjamini-Hochberg (PRDS p-values, as conformal ones are), Storey's adaptive BH (BH at level
+    q / pi0_hat, pi0_hat the estimated in-distribution share; valid for conformal p-values, Marandon et
+    al. 2024) or Benjamini-Yekutieli (any dependence)."""
+
+    bh = "bh"
+    storey = "storey"
+    by = "by"
+
+
+class Combination(StrEnum):
+    """How a combined test merges its components' (smooth) log p-values into one statistic.
+
+    ``adaptive`` learns from each night which tests see its OOD rows (:mod:`gradood.stats.adaptive`),
+    on top of Fisher's method over the components.
+    """
+
+    fisher = "fisher"
+    tippett = "tippett"
+    adaptive = "adaptive"
+
+
+class TestName(StrEnum):
+    """The single tests every suite fits; ``paper`` is the paper's S(x)."""
+
+    __test__ = False  # not a pytest class
+
+    paper = "paper"
+    fullcov = "fullcov"
+    fisher_layers = "fisher_layers"
+    gradnorm = "gradnorm"
+    typicality = "typicality"
+    nll = "nll"

@@ -84,7 +84,7 @@ class CorpusSource(ABC):
         return self._cache[key]
 
     @abstractmethod
-    def _total_rows(self) -> int:
+    def total_rows(self) -> int:
         """Rows in the whole source, before start/limit."""
 
     @abstractmethod
@@ -95,8 +95,12 @@ class CorpusSource(ABC):
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         """Exactly ``shard.num_rows`` rows, in order; unreadable ones carry ``error`` instead of raising."""
 
+    def read_row(self, index: int) -> RawRow:
+        """Row ``index`` of the full order (as :attr:`RawRow.index` counts), read on its own."""
+        return next(iter(self.read_shard(Shard(-1, index, 1, self._locate(index, index + 1)))))
+
     def num_rows(self) -> int:
-        total = self._total_rows()
+        total = self.total_rows()
         if self.start > total:
             raise ValueError(f"{self.uri}: start={self.start} is past the end of its {total} rows")
         stop = total if self.limit is None else min(total, self.start + self.limit)

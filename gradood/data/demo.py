@@ -4,7 +4,7 @@ Every source is an entry of a small registry (name, near/far-OOD flag, descripti
 demo and larger evaluation corpora are built by the same :func:`build_image_corpus`. Everything is
 written as PNG files through PIL, so a corpus takes the same list/read/decode path as a real one, and
 two broken files (a truncated PNG and an empty one) can exercise the error path. Files are written
-through :mod:`gradood.pipeline.storage`, so the corpus may live on a local path or under a pyarrow
+through :mod:`gradood.core.storage`, so the corpus may live on a local path or under a pyarrow
 filesystem URI (``s3://``, ``gs://``), like the job's other outputs. FashionMNIST rows come
 from the test split after the first ``id_start`` rows, which the detector is fitted on, so
 in-distribution corpus images are never fit images; each FashionMNIST-derived source reads its own
@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from gradood.core import storage
 from gradood.data.fashion_mnist import fashion_mnist_origin, load_fashion_mnist
-from gradood.pipeline import storage
 
 DEMO_ID_SOURCE = "fashion_mnist"
 DEMO_OOD_SOURCES = ("digits", "fashion_mnist_inverted", "uniform_noise")

@@ -162,7 +162,7 @@ class FolderSource(_FileSource):
     what = "images"
     skip_reason = "not an image file extension"
 
-    def _total_rows(self) -> int:
+    def total_rows(self) -> int:
         return len(self._listing())
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:
@@ -243,7 +243,7 @@ class ParquetSource(_FileSource):
         """Row of the full order where each file starts, and the total at the end."""
         return self._cached("offsets", lambda: np.concatenate([[0], np.cumsum(self._row_counts())]))
 
-    def _total_rows(self) -> int:
+    def total_rows(self) -> int:
         return int(self._file_offsets()[-1])
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:
@@ -372,7 +372,7 @@ class TorchvisionSource(CorpusSource):
 
         return self._cached("dataset", build)
 
-    def _total_rows(self) -> int:
+    def total_rows(self) -> int:
         return len(self._dataset())
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:
@@ -483,6 +483,13 @@ def load_rows(source: CorpusSource, shard: Shard, converter: ImageConverter) -> 
     """Decode and convert one shard; every row ends up in ``ids`` or in ``errors``."""
     where = f"{source.uri} shard {shard.index}"
     return _collect(source.read_shard(shard), converter, shard.num_rows, where, source.max_pixels)
+
+
+def load_row(source: CorpusSource, index: int, converter: ImageConverter) -> LoadedRows:
+    """Decode and convert row ``index`` of the full order on its own (in ``ids`` or in ``errors``)."""
+    return _collect(
+        iter([source.read_row(index)]), converter, 1, f"{source.uri} row {index}", source.max_pixels
+    )
 
 
 def load_all(source: CorpusSource, converter: ImageConverter) -> LoadedRows:

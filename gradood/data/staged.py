@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradood.core import storage
 from gradood.data.base import DEFAULT_MAX_BYTES, CorpusSource, RawRow, Shard
 from gradood.data.images import DEFAULT_MAX_PIXELS
 from gradood.data.sources import FolderSource
-from gradood.pipeline import storage
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -89,7 +89,7 @@ class StagedFolderSource(FolderSource):
         self._skipped = dict(sorted(skipped.items()))
         self._offsets = np.concatenate([[0], np.cumsum([p.rows for p in self.parts], dtype=np.int64)])
 
-    def _total_rows(self) -> int:
+    def total_rows(self) -> int:
         return int(self._offsets[-1])
 
     def _locate(self, row_start: int, row_stop: int) -> tuple:

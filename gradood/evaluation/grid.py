@@ -19,19 +19,20 @@ import pyarrow as pa
 from PIL import Image
 
 from gradood.config import CONF_DIR, EvaluateConfig, ScoreCorpusConfig, load_config
+from gradood.core import storage
 from gradood.data.demo import DEMO_ID_SOURCE, build_image_corpus, demo_source_of, source_info
 from gradood.data.sources import load_all, open_source
 from gradood.evaluation.nights import NightPool
-from gradood.pipeline import storage
 from gradood.pipeline.stages import SPLIT_STREAM
 from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, suite_feature_names
 from gradood.seeding import row_uniforms
 from gradood.stats import (
+    Combination,
+    CombinedTest,
     ConformalCalibrator,
     DetectorSuite,
     Moments,
     TestName,
-    combine_log_p,
     fdr_flags,
     ood_metrics,
     q_values_from_index,
@@ -219,18 +220,15 @@ def bergamin_scores(
 
     def components(table: pa.Table, stat: dict[str, float]) -> np.ndarray:
         lp = table.column("log_prob").to_numpy()[:, None]
-        return np.column_stack([[stat[i] for i in table.column("id").to_pylist()], typicality._score(lp)])
+        return np.column_stack(
+            [[stat[i] for i in table.column("id").to_pylist()], typicality.ood_score_of(lp)]
+        )
 
     fit_components = components(fit_table, fit_stat)
     calibrators = [ConformalCalibrator(fit_components[part == 1, k]) for k in range(2)]
-
-    def statistic(c: np.ndarray) -> np.ndarray:
-        log_p = np.column_stack([cal.log_tail(c[:, k]) for k, cal in enumerate(calibrators)])
-        return combine_log_p(log_p, "fisher")[0]
-
-    combined = ConformalCalibrator(statistic(fit_components[part == 2]))
-    stat = statistic(components(features, corpus_stat))
-    return Scored(stat, combined.p_index(stat), combined.n)
+    combined = CombinedTest(calibrators, Combination.fisher).calibrate(fit_components[part == 2])
+    stat = combined.statistic(components(features, corpus_stat))[0]
+    return Scored(stat, combined.p_index(stat), combined.calibrator.n)
 
 
 def _converter(model: Any) -> Any:

@@ -12,6 +12,9 @@ import pandas as pd
 import pyarrow as pa
 
 from gradood.config import EvaluateConfig
+from gradood.core import storage
+from gradood.core.progress import progress
+from gradood.core.ray_runtime import init_ray
 from gradood.data.demo import DEMO_ID_SOURCE
 from gradood.evaluation.grid import (
     DEFAULT_DETECTOR,
@@ -21,8 +24,6 @@ from gradood.evaluation.grid import (
     run_configs,
 )
 from gradood.evaluation.nights import NightPool, night_metrics, summarise_nights
-from gradood.pipeline import storage
-from gradood.pipeline.extract import init_ray, log
 from gradood.pipeline.ray_job import run_score_corpus
 from gradood.stats.conformal import Combination
 
@@ -37,7 +38,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
     for run_cfg in configs:
         family, group_size = run_cfg.model.name, run_cfg.extract.group_size
         t0 = time.perf_counter()
-        log(f"evaluate: {family}, group size {group_size}")
+        progress(f"evaluate: {family}, group size {group_size}")
         run_summary = run_score_corpus(run_cfg)
         import torch
 
@@ -45,7 +46,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         rows, found, pool = detector_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
         m, s, v = grid_rows(family, group_size, rows, found, far, cfg.evaluate.fdr, list(cfg.evaluate.alphas))
         if group_size == 1:
-            log(f"evaluate: {family}, realistic nights")
+            progress(f"evaluate: {family}, realistic nights")
             nights += [{"family": family, **row} for row in realistic_nights(cfg, rows, far, pool)]
         metrics += m
         scores += s
@@ -89,10 +90,12 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
     )
     summary = {"output": out, "seconds": seconds, "family_ranking": ranking, **paths}
     storage.write_json(storage.join(out, "summary.json"), summary)
-    log(f"evaluation report: {paths['html']} (markdown {paths['markdown']})")
+    progress(f"evaluation report: {paths['html']} (markdown {paths['markdown']})")
     print_headline(frame)
     if nights:
-        log("realistic nights, default detector, BH:\n" + nights_markdown(night_summary, cfg.evaluate.fdr))
+        progress(
+            "realistic nights, default detector, BH:\n" + nights_markdown(night_summary, cfg.evaluate.fdr)
+        )
     return summary
 
 
@@ -144,4 +147,4 @@ def print_headline(metrics: pd.DataFrame) -> None:
     table = far.pivot_table(
         index=["family", "group_size"], columns="detector", values="auroc", aggfunc=np.mean
     )
-    log("mean AUROC over far-OOD sources:\n" + table.to_string(float_format=lambda v: f"{v:.3f}"))
+    progress("mean AUROC over far-OOD sources:\n" + table.to_string(float_format=lambda v: f"{v:.3f}"))

@@ -17,41 +17,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import ray
 
 from gradood.config import ExtractConfig, ScoreCorpusConfig
+from gradood.core import storage
+from gradood.core.progress import progress
 from gradood.data.images import ImageConverter
 from gradood.data.sources import CorpusSource, Shard
 from gradood.models import build_model
-from gradood.pipeline import storage
 from gradood.pipeline.stages import ExtractSettings, ShardFeatureWriter, completed_shard, decode_shards
 from gradood.pipeline.watchdog import progress_or_fail
-
-
-def log(msg: str) -> None:
-    # plain flushed lines: they reach `ray job logs` and CI logs, where progress bars do not
-    print(f"[gradood {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def init_ray(num_cpus: int | None, min_cpus: float) -> None:
-    """Attach to the cluster named by RAY_ADDRESS (as under `ray job submit`), else start an embedded Ray."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(
-            num_cpus=num_cpus or max(os.cpu_count() or 1, int(np.ceil(min_cpus))), include_dashboard=False
-        )
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
 
 
 @dataclasses.dataclass
@@ -134,7 +113,7 @@ def plan_cpus(ex: ExtractConfig, shards: int, what: str) -> CpuPlan:
         raise RuntimeError(f"{what}: the Ray cluster has no CPUs; decoding needs extract.decode_cpus CPUs")
     if worker + task > cpus:
         worker, task = min(worker, cpus / 2), min(task, cpus / 2)
-        log(
+        progress(
             f"{what}: {cpus:g} CPUs cannot hold a model worker (extract.cpus_per_worker="
             f"{ex.cpus_per_worker:g}) and a decode task (extract.decode_cpus={ex.decode_cpus:g}) at once: "
             f"one worker of {worker:g} CPU beside tasks of {task:g} CPU"
@@ -142,7 +121,7 @@ def plan_cpus(ex: ExtractConfig, shards: int, what: str) -> CpuPlan:
     room = int((cpus - task) // worker) if worker > 0 else ex.num_workers
     size = max(1, min(ex.num_workers, shards, room))
     if size < min(ex.num_workers, shards):
-        log(
+        progress(
             f"{what}: {size} of extract.num_workers={ex.num_workers} workers, so that {cpus:g} CPUs leave "
             f"{task:g} to decoding"
         )
@@ -251,7 +230,9 @@ def run_extraction(
     totals = ExtractionTotals()
     pending = _resume(shards, source, out_uri, settings, model_meta["fingerprint"], totals, on_shard)
     if len(pending) < len(shards):
-        log(f"{what}: {len(shards) - len(pending)} of {len(shards)} shards complete from an earlier attempt")
+        progress(
+            f"{what}: {len(shards) - len(pending)} of {len(shards)} shards complete from an earlier attempt"
+        )
     cpu = plan_cpus(ex, len(pending), what)
     resources: dict[str, Any] = {"num_cpus": cpu.worker_cpus}
     if ex.num_gpus_per_worker > 0:
@@ -283,12 +264,12 @@ def run_extraction(
     )
     t0 = time.perf_counter()
     total_rows = sum(s.num_rows for s in shards)
-    log(f"{what}: {total_rows} rows in {len(shards)} shards from {source.uri}")
+    progress(f"{what}: {total_rows} rows in {len(shards)} shards from {source.uri}")
     for summary in progress_or_fail(ds.iter_rows(), cfg.run.stall_timeout_s, what) if pending else ():
         totals.add(summary, on_shard)
         elapsed = time.perf_counter() - t0
         totals.finished(summary)
-        log(
+        progress(
             f"{what}: {totals.shards}/{len(shards)} shards, {totals.rows_in}/{total_rows} rows, "
             f"{totals.rows_in / max(elapsed, 1e-9):.1f} rows/s, {totals.rows_rejected} rejected"
         )

@@ -17,9 +17,10 @@ import ray
 
 import gradood
 from gradood.config import ScoreCorpusConfig
+from gradood.core import storage
+from gradood.core.progress import progress
 from gradood.data.sources import open_source
-from gradood.pipeline import storage
-from gradood.pipeline.extract import log, run_extraction
+from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
 from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, SPLIT_COLUMN, feature_matrix, suite_feature_names
 from gradood.stats.moments import Moments
@@ -84,7 +85,7 @@ def _reduced_moments(
             raise RuntimeError(f"reducer saw {len(merged['shards'])} of {n_shards} shards")
         return Moments.from_dict(merged["moments"])
     except (ray.exceptions.RayActorError, RuntimeError) as err:
-        log(
+        progress(
             f"reducer result unavailable ({type(err).__name__}: {err}); "
             f"recomputing the fit from {features_uri}"
         )
@@ -142,7 +143,7 @@ def fit_detector(
     )
     paper = suite.tests_["paper"]
     dropped = [n for n, kept in zip(layer_names, np.asarray(paper.kept_, bool), strict=True) if not kept]
-    log(
+    progress(
         f"detector fitted on {moments.count} feature rows, calibrated on {suite.n_calibration_[0]} + "
         f"{suite.n_calibration_[1]} ({totals.rows_scored} images, {totals.rows_rejected} rejected); "
         f"{len(dropped)} of {len(layer_names)} layers dropped for zero variance"
@@ -182,10 +183,10 @@ def load_or_fit_detector(
             raise ValueError(
                 f"detector {uri} was fitted with other fit.* or detect.* settings: rerun with fit.refit=true"
             )
-        log(f"reusing detector {uri} (fitted on {detector['fit']['n_rows']} rows)")
+        progress(f"reusing detector {uri} (fitted on {detector['fit']['n_rows']} rows)")
         return detector
     storage.write_json(uri, fit_detector(cfg, out, weights, model_meta, layer_names))
-    log(f"detector written to {uri}")
+    progress(f"detector written to {uri}")
     # the night that fits uses the detector as later nights will read it (the same key order, so the
     # same columns in the same order, and the same numbers), wherever it is stored
     return storage.read_json(uri)

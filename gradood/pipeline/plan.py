@@ -23,11 +23,11 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from gradood.core import storage
 from gradood.data.listing import folder_sort_key, resolve, root_file, scan
 from gradood.data.parquet import PARQUET_EXTENSION
 from gradood.data.sources import FolderSource, file_id
 from gradood.data.staged import LISTING_SCHEMA, ListingPart, StagedFolderSource, write_listing_part
-from gradood.pipeline import storage
 from gradood.pipeline.publish import new_or_changed, read_seen
 
 #: listing is mostly waiting on the filesystem: several tasks share a CPU
@@ -165,4 +165,4 @@ def stage_listing(uri: str, parts_uri: str, seen: list[str], **source_args: Any)
     if other:
         skipped[FolderSource.skip_reason] += other
     source = StagedFolderSource(uri, [r["part"] for r in ordered], skipped, **source_args)
-    return StagedListing(source, listed, source._total_rows())
+    return StagedListing(source, listed, source.total_rows())

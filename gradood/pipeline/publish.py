@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from gradood.pipeline import storage
+from gradood.core import storage
 
 SUCCESS = "_SUCCESS"
 INDEX = "runs.json"

@@ -17,12 +17,14 @@ from urllib.parse import urlsplit
 
 import gradood
 from gradood.config import ScoreCorpusConfig, TrainJobConfig, to_yaml
+from gradood.core import storage
+from gradood.core.progress import progress
+from gradood.core.ray_runtime import init_ray
 from gradood.data.images import ImageConverter
 from gradood.data.sources import TORCHVISION_SCHEME, CorpusSource, open_source
 from gradood.features import feature_layer_names
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, model_from_bytes
-from gradood.pipeline import storage
-from gradood.pipeline.extract import init_ray, log, run_extraction
+from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
 from gradood.pipeline.plan import stage_listing
 from gradood.pipeline.publish import (
@@ -53,7 +55,7 @@ def ensure_model(cfg: ScoreCorpusConfig) -> str:
         )
     from gradood.train import train_model
 
-    log(f"no checkpoint at {ckpt}: training {cfg.model.name} with Ray Train first")
+    progress(f"no checkpoint at {ckpt}: training {cfg.model.name} with Ray Train first")
     train_cfg = TrainJobConfig(seed=cfg.seed, model=cfg.model, image=cfg.image, train=cfg.train, ray=cfg.ray)
     train_model(train_cfg)
     return ckpt
@@ -105,7 +107,7 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
             kept = inputs.num_rows
             write_manifest(out, run_id, inputs)
     if incremental:
-        log(f"incremental: {kept} of {listed} input files are new or changed since the published runs")
+        progress(f"incremental: {kept} of {listed} input files are new or changed since the published runs")
     return source
 
 
@@ -127,7 +129,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     model, model_meta = model_from_bytes(weights, storage.read_json(storage.join(ckpt, META_FILE)))
     layer_names = feature_layer_names(model)
     t_detector = time.perf_counter()
-    log(
+    progress(
         f"model {model_meta['model']} {model_meta['fingerprint'][:12]} from {ckpt}: {len(layer_names)} layers"
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from gradood.pipeline import storage
+from gradood.core import storage
 from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, table_metadata
 from gradood.stats.moments import Moments
 

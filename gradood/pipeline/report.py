@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from gradood.core import storage
 from gradood.data.images import ImageConverter
-from gradood.data.sources import CorpusSource, Shard, load_rows
-from gradood.pipeline import storage
+from gradood.data.sources import CorpusSource, load_row
 from gradood.pipeline.score import RunScores
 from gradood.report.run import ErrorReasons, error_reason, render_run_report
 
@@ -25,8 +25,7 @@ def thumbnails(
     out = {}
     for row in top[:k]:
         index = int(row["row_index"])
-        shard = Shard(-1, index, 1, source._locate(index, index + 1))
-        loaded = load_rows(source, shard, converter)
+        loaded = load_row(source, index, converter)
         if len(loaded.ids):
             image = loaded.images[0]
             out[row["id"]] = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))

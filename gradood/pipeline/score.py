@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 
 from gradood.config import DetectorName, ScoreCorpusConfig
-from gradood.pipeline import storage
+from gradood.core import storage
 from gradood.pipeline.extract import plan_cpus
 from gradood.pipeline.ranking import (
     SORT_DESCENDING,

@@ -16,12 +16,12 @@ import pyarrow.compute as pc
 import torch
 
 import gradood
+from gradood.core import storage
 from gradood.data.images import ImageConverter
 from gradood.data.sources import CorpusSource, LoadedRows, Shard, load_rows
 from gradood.features import extract_features
 from gradood.models.base import DensityModel
 from gradood.models.checkpoint import model_from_bytes
-from gradood.pipeline import storage
 from gradood.pipeline.tables import (
     INCOMPLETE_SET_SPLIT,
     SPLIT_COLUMN,

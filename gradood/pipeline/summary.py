@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gradood.pipeline.extract import log
+from gradood.core.progress import progress
 
 BASELINE = "score:typicality"
 
@@ -66,59 +66,61 @@ def demo_report(scores: pa.Table, detector: str) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    log(
+    progress(
         f"scored {summary['scored']} + rejected {summary['rejected']} = {summary['inputs']} inputs "
         f"({summary['feature_rows']} feature rows, group_size {summary['group_size']}) -> {summary['output']}"
     )
     if summary["skipped"] or summary["resumed_shards"] or summary["incomplete_sets"]:
-        log(
+        progress(
             f"skipped {summary['skipped']} files {summary['skipped_reasons']}; resumed "
             f"{summary['resumed_shards']} shards; {summary['incomplete_sets']} incomplete sets (not flagged)"
         )
-    log(
+    progress(
         f"flagged {summary['flagged']} of {summary['feature_rows']} rows at a false-discovery rate of "
         f"{summary['fdr']} ({summary['fdr_method']}, detector {summary['detector']})"
     )
     floor = summary["prevalence_floor"]
-    log(
+    progress(
         f"prevalence floor: flags can fire only on a night with at least {100 * floor['share']:.2f} % OOD "
         f"rows (smallest p-value {floor['min_p_value']:.2g} from {floor['n_calibration']} calibration rows "
         f"at fdr {floor['fdr']:g}, {floor['method']}); more calibration rows lower it"
     )
     if summary["flagged_by_driver"]:
         drivers = ", ".join(f"{name} {n}" for name, n in summary["flagged_by_driver"].items())
-        log(f"flagged rows by the test that drove their p-value: {drivers}")
+        progress(f"flagged rows by the test that drove their p-value: {drivers}")
     trained = summary["adaptive_training_rows"]
     if trained:
-        log(
+        progress(
             f"adaptive combination: calibration part 1 ({trained['reference']} rows) against "
             f"{trained['night']} of the night's rows and {trained['part_2']} of part 2"
         )
     drift = summary["drift"]
     if drift["p_value"] is not None:
-        log(
+        progress(
             f"drift test (night vs calibration, {drift['test']}): p = {drift['p_value']:.3g}, "
             f"P(night > calibration) = {drift['effect']:.3f}"
         )
-    log(f"report: {summary['output']}/report.html")
-    log("top-10 most OOD: " + ", ".join(summary["top10"]))
+    progress(f"report: {summary['output']}/report.html")
+    progress("top-10 most OOD: " + ", ".join(summary["top10"]))
     if "demo" not in summary:
         return
     demo = summary["demo"]
-    log("demo ranking, FashionMNIST (held out) vs each OOD source; AUROC = P(s_OOD > s_ID) + P(tie)/2,")
-    log("FPR@95 = share of OOD rows accepted at the threshold that accepts 95% of ID rows (ID positive):")
+    progress("demo ranking, FashionMNIST (held out) vs each OOD source; AUROC = P(s_OOD > s_ID) + P(tie)/2,")
+    progress(
+        "FPR@95 = share of OOD rows accepted at the threshold that accepts 95% of ID rows (ID positive):"
+    )
     name = demo["detector"]
-    log(
+    progress(
         f"  {'OOD source':<24}{'share':>7}{'AUROC ' + name:>16}{'AUROC typicality':>18}"
         f"{'FPR@95 ' + name:>17}{'flagged':>9}{'power':>7}"
     )
     for source, row in demo["sources"].items():
-        log(
+        progress(
             f"  {source:<24}{100 * demo['ood_share'][source]:>6.1f}%{row['ood_score']['auroc']:>16.4f}"
             f"{row[BASELINE]['auroc']:>18.4f}{row['ood_score']['fpr_at_95_tpr']:>17.4f}"
             f"{demo['flagged'][source]:>9}{demo['power'][source]:>7.2f}"
         )
-    log(
+    progress(
         f"  false discoveries (held-out FashionMNIST rows flagged): {demo['false_discoveries']} of "
         f"{demo['rows']['fashion_mnist']}; false-discovery proportion of the flags "
         f"{demo['false_discovery_proportion']:.4f} (target <= {summary['fdr']} on average over nights)"

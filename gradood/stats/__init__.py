@@ -13,6 +13,7 @@ from typing import Any
 #: public name -> the module that defines it
 _MODULES = {
     "Combination": "conformal",
+    "CombinedTest": "conformal",
     "ConformalCalibrator": "conformal",
     "FdrMethod": "conformal",
     "combine_log_p": "conformal",

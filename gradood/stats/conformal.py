@@ -18,21 +18,12 @@ so q-values follow from a histogram of k over the night (no sort of the whole ni
 from __future__ import annotations
 
 import math
-from enum import StrEnum
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-
-class FdrMethod(StrEnum):
-    """Benjamini-Hochberg (PRDS p-values, as conformal ones are), Storey's adaptive BH (BH at level
-    q / pi0_hat, pi0_hat the estimated in-distribution share; valid for conformal p-values, Marandon et
-    al. 2024) or Benjamini-Yekutieli (any dependence)."""
-
-    bh = "bh"
-    storey = "storey"
-    by = "by"
-
+from gradood.core.choices import Combination, FdrMethod
 
 #: Storey's lambda: pi0_hat = (1 + #{p > lambda}) / (m (1 - lambda))
 STOREY_LAMBDA = 0.5
@@ -45,18 +36,6 @@ def _finite_1d(values: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ValueError(f"{what}: {int((~np.isfinite(values)).sum())} non-finite values")
     return values
-
-
-class Combination(StrEnum):
-    """How a combined test merges its components' (smooth) log p-values into one statistic.
-
-    ``adaptive`` learns from each night which tests see its OOD rows (:mod:`gradood.stats.adaptive`),
-    on top of Fisher's method over the components.
-    """
-
-    fisher = "fisher"
-    tippett = "tippett"
-    adaptive = "adaptive"
 
 
 def combine_log_p(log_p: np.ndarray, method: Combination) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +142,48 @@ class EqualTailedCalibrator(ConformalCalibrator):
     @property
     def min_p_value(self) -> float:
         return min(1.0, 2.0 / (self.n + 1))
+
+
+class CombinedTest:
+    """Components' smooth tail p-values merged into one statistic, calibrated on other rows.
+
+    Each component's conformal calibrator turns its statistic into :meth:`ConformalCalibrator.log_tail`;
+    ``combination`` (Fisher's or Tippett's method) merges them; the merged statistic is calibrated
+    conformally on rows none of the components was calibrated on (calibration part 2), which keeps the
+    combined p-value valid however the components depend on each other.
+    """
+
+    def __init__(
+        self,
+        components: Sequence[ConformalCalibrator],
+        combination: Combination,
+        calibrator: ConformalCalibrator | None = None,
+    ):
+        if Combination(combination) is Combination.adaptive:
+            raise ValueError("a combined test's fixed rule is fisher or tippett; adaptive builds on fisher")
+        if not components:
+            raise ValueError("the combination needs at least one component test")
+        self.components = list(components)
+        self.combination = Combination(combination)
+        self.calibrator = calibrator
+
+    def calibrate(self, statistics: np.ndarray) -> CombinedTest:
+        """Calibrate on the components' statistics of calibration rows (columns in component order)."""
+        self.calibrator = ConformalCalibrator(self.statistic(statistics)[0])
+        return self
+
+    def statistic(self, statistics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The combined statistic (higher = more OOD) of rows given their components' statistics
+        ``[N, components]``, and per row the index of the component with the smallest tail p."""
+        statistics = np.asarray(statistics, np.float64).reshape(-1, len(self.components))
+        log_p = np.column_stack([c.log_tail(statistics[:, k]) for k, c in enumerate(self.components)])
+        return combine_log_p(log_p, self.combination)
+
+    def p_index(self, statistic: np.ndarray) -> np.ndarray:
+        """Conformal p-value indices (p = k / (n + 1)) of combined statistics."""
+        if self.calibrator is None:
+            raise ValueError("the combined test is not calibrated; call calibrate first")
+        return self.calibrator.p_index(statistic)
 
 
 def _tail_scale(sorted_scores: np.ndarray) -> float:

@@ -87,6 +87,10 @@ class OODTest(BaseEstimator):
         """Higher = more out-of-distribution."""
         return self._score(self._validated(X))
 
+    def ood_score_of(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """:meth:`ood_score` of rows already validated."""
+        return self._score(X)
+
     def statistic(self, X: Any) -> np.ndarray:  # noqa: N803
         """What conformal calibration ranks: ood_score, or for a two-sided test its signed deviation."""
         return self.statistic_of(self._validated(X))
@@ -159,13 +163,14 @@ class DiagonalGaussian(OODTest):
 
     def zscores(self, X: Any) -> np.ndarray:  # noqa: N803
         """``(x_j - mu_j) / sigma_j`` for the kept columns, ``[N, kept]``."""
-        return self._z(self._validated(X))
+        return self.zscores_of(self._validated(X))
 
-    def _z(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def zscores_of(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """:meth:`zscores` of rows already validated (the suite passes column slices of its matrix)."""
         return (X[:, np.asarray(self.kept_, bool)] - self.mean_) / self.std_
 
     def _score(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        z = self._z(X)
+        z = self.zscores_of(X)
         return 0.5 * np.square(z).sum(axis=1) + np.log(self.std_).sum() + 0.5 * _LOG_2PI * z.shape[1]
 
 
@@ -176,7 +181,7 @@ class FisherLayers(DiagonalGaussian):
     """
 
     def _score(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        log_p = math.log(2.0) + norm.logsf(np.abs(self._z(X)))
+        log_p = math.log(2.0) + norm.logsf(np.abs(self.zscores_of(X)))
         return -2.0 * log_p.sum(axis=1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradood.core.checks import check_split
 from gradood.stats.moments import as_matrix, check_finite
 
 #: the last feature column, log p(x); the others are the layers' log-norms
@@ -34,13 +35,3 @@ def split_of(u: np.ndarray, calibration_fraction: float, part_2_fraction: float 
     part_2 = calibration_fraction / 2 if part_2_fraction is None else part_2_fraction
     u = np.asarray(u, dtype=np.float64)
     return np.where(u >= calibration_fraction, 0, np.where(u < calibration_fraction - part_2, 1, 2))
-
-
-def check_split(calibration_fraction: float, part_2_fraction: float | None) -> None:
-    if not 0 < calibration_fraction < 1:
-        raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
-    if part_2_fraction is not None and not 0 < part_2_fraction < calibration_fraction:
-        raise ValueError(
-            f"part_2_fraction must be in (0, calibration_fraction={calibration_fraction}), "
-            f"got {part_2_fraction}"
-        )

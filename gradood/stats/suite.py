@@ -18,15 +18,15 @@ both calibration parts, which the suite keeps (``calibration_tails_``), and of t
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from gradood.core.choices import TestName
 from gradood.stats.adaptive import AdaptiveNight, CalibrationTails
-from gradood.stats.conformal import Combination, ConformalCalibrator, EqualTailedCalibrator, combine_log_p
+from gradood.stats.conformal import Combination, CombinedTest, ConformalCalibrator, EqualTailedCalibrator
 from gradood.stats.detectors import (
     FORMAT_VERSION,
     DiagonalGaussian,
@@ -41,20 +41,6 @@ from gradood.stats.detectors import (
 )
 from gradood.stats.layout import LOG_PROB_COLUMN, check_split, split_of
 from gradood.stats.moments import Moments
-
-
-class TestName(StrEnum):
-    """The single tests every suite fits; ``paper`` is the paper's S(x)."""
-
-    __test__ = False  # not a pytest class
-
-    paper = "paper"
-    fullcov = "fullcov"
-    fisher_layers = "fisher_layers"
-    gradnorm = "gradnorm"
-    typicality = "typicality"
-    nll = "nll"
-
 
 #: which columns each test reads: the layers' log-norms, log p(x), or both
 _COLUMNS = {
@@ -190,7 +176,7 @@ class DetectorSuite(BaseEstimator):
             )
             for name, test in self.tests_.items()
         }
-        self.combined_calibrator_ = ConformalCalibrator(self._combine(cal_2)[0])
+        self.combined_calibrator_ = self._combined_test().calibrate(self._components_of(cal_2)).calibrator
         self.calibration_tails_ = CalibrationTails(
             TAIL_ORDER, self.tails(cal_1), self.tails(cal_2), [str(i) for i in cal_2_ids]
         )
@@ -231,16 +217,19 @@ class DetectorSuite(BaseEstimator):
         columns = [self.calibrators_[t.value].side_log_tails(statistics[t.value]) for t in TestName]
         return -np.hstack(columns).reshape(n, len(TAIL_ORDER))
 
+    def _combined_test(self) -> CombinedTest:
+        # an adaptive suite's fixed combined test is Fisher's: the adaptive one is fitted per night
+        fixed = Combination(self.combination)
+        fixed = Combination.fisher if fixed is Combination.adaptive else fixed
+        calibrators = [self.calibrators_[c] for c in self.components]
+        return CombinedTest(calibrators, fixed, getattr(self, "combined_calibrator_", None))
+
+    def _components_of(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        return np.column_stack([self._statistic(c, X) for c in self.components])
+
     def _combine(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
-        """Fixed combined statistic (Fisher's for an adaptive suite) and, per row, the index of the
-        component with the smallest tail p."""
-        log_p = np.stack(
-            [self.calibrators_[c].log_tail(self._statistic(c, X)) for c in self.components], axis=1
-        )
-        combination = Combination(self.combination)
-        if combination is Combination.adaptive:
-            combination = Combination.fisher
-        return combine_log_p(log_p, combination)
+        """Fixed combined statistic and, per row, the index of the component with the smallest tail p."""
+        return self._combined_test().statistic(self._components_of(X))
 
     def night(self, night_tails: np.ndarray, rate: float, seed: int) -> AdaptiveNight:
         """The adaptive combined test of one night, trained on ``night_tails`` (the tails of the night's
@@ -315,7 +304,7 @@ class DetectorSuite(BaseEstimator):
         """Per row, the ``k`` kept layers of the paper's test with the largest |z| and their signed z."""
         X = self._checked(X)
         paper = self.tests_[TestName.paper.value]
-        z = paper._z(X[:, : X.shape[1] - 1])
+        z = paper.zscores_of(X[:, : X.shape[1] - 1])
         k = min(k, z.shape[1])
         all_names = getattr(paper, "feature_names_in_", None)
         if all_names is None:

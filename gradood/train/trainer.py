@@ -3,7 +3,7 @@ checkpoint as the model.
 
 ``train.storage_path`` (the Ray Train run's checkpoints) and ``model.checkpoint`` (the exported model)
 may be local paths or URIs (s3://, gs://, file://): storage paths go to Ray Train's ``RunConfig`` as
-they are, and the export is written through :mod:`gradood.pipeline.storage`.
+they are, and the export is written through :mod:`gradood.core.storage`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gradood.config import TrainConfig, TrainJobConfig
+from gradood.core import storage
 from gradood.models import build_model
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
-from gradood.pipeline import storage
 from gradood.train.data import READ_CPUS, data_config, train_dataset
 from gradood.train.worker import train_loop_per_worker
 
@@ -75,7 +75,7 @@ def export_checkpoint(source_dir: str | Path, destination: str, extra: dict[str,
     returns its fingerprint, which must be the one the worker recorded (same weights, metadata added).
 
     The checkpoint is written locally first, then copied file by file through
-    :mod:`gradood.pipeline.storage`, weights before metadata (a reader takes a checkpoint with both).
+    :mod:`gradood.core.storage`, weights before metadata (a reader takes a checkpoint with both).
     """
     meta = read_checkpoint_meta(source_dir)
     model = build_model(meta["model"], meta["params"])

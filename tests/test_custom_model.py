@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gradood.features import extract_features
-from gradood.models import build_model, model_names
+from gradood.models import DensityModel, build_model, model_names
 from gradood.models.checkpoint import load_checkpoint, save_checkpoint
 from gradood.seeding import draw_noise
 
@@ -53,3 +54,27 @@ def test_readme_custom_model_end_to_end(tmp_path):
         loaded.float()
         np.testing.assert_allclose(engine.sqnorms, ref.sqnorms, rtol=1e-4)
         np.testing.assert_allclose(engine.log_prob, ref.log_prob, rtol=1e-5)
+
+
+def test_constructor_arguments_are_recorded_as_hparams():
+    readme_example()
+    assert build_model("pixel_gaussian", {"image_size": 8}).hparams() == {"in_channels": 1, "image_size": 8}
+
+    class Wider(build_model("vae", {}).__class__):
+        """A family's subclass: its own constructor's arguments are the ones a checkpoint rebuilds."""
+
+        def __init__(self, width: int = 48, **rest: int):
+            super().__init__(hidden_channels=width, **rest)
+
+    model = Wider(width=16, latent_dim=4)
+    assert model.hparams() == {"width": 16, "latent_dim": 4}
+    rebuilt = Wider(**model.hparams())
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in model.parameters()]
+    assert Wider().hparams() == {"width": 48}
+
+    class Positional(DensityModel):
+        def __init__(self, *sizes: int):
+            super().__init__()
+
+    with pytest.raises(NotImplementedError, match=r"\*args parameters: override hparams"):
+        Positional(1, 2).hparams()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -72,9 +74,52 @@ class DensityModel(nn.Module):
         """Optional: ``n`` samples as float pixel values in [0, 255]."""
         raise NotImplementedError(f"{type(self).__name__} does not implement sampling")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every family's constructor arguments are recorded here, once, as the checkpoint's hparams
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: DensityModel, *args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = _keyword_arguments(signature, bound)
+            self.__dict__.setdefault("_arguments", {})[cls] = arguments
+            if "_hparams" not in self.__dict__:  # the most derived constructor's arguments win
+                object.__setattr__(self, "_hparams", arguments)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+    def arguments_of(self, family: type) -> dict[str, Any]:
+        """The keyword arguments ``family``'s constructor received for this model, defaults filled in
+        (a subclass's constructor may have passed it others than its own)."""
+        return dict(self.__dict__["_arguments"][family] or {})
+
     def hparams(self) -> dict[str, Any]:
-        """Constructor keyword arguments that rebuild this model (saved in checkpoints); by default the
-        ``_hparams`` dict a family's constructor records."""
-        if not hasattr(self, "_hparams"):
-            raise NotImplementedError(f"{type(self).__name__} records no _hparams: override hparams()")
-        return {k: list(v) if isinstance(v, list | tuple) else v for k, v in self._hparams.items()}
+        """Constructor keyword arguments that rebuild this model (saved in checkpoints), as the
+        constructor received them (defaults filled in, sequences as lists)."""
+        recorded = self.__dict__.get("_hparams")
+        if recorded is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}'s constructor takes positional-only or *args parameters: "
+                "override hparams()"
+            )
+        return {k: list(v) if isinstance(v, list | tuple) else v for k, v in recorded.items()}
+
+
+def _keyword_arguments(signature: inspect.Signature, bound: inspect.BoundArguments) -> dict[str, Any] | None:
+    """The bound constructor arguments as keywords, or None where they cannot be passed as keywords."""
+    out: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # without self
+        kind = signature.parameters[name].kind
+        if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+            return None
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out

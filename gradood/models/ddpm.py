@@ -281,35 +281,18 @@ class DDPM(DensityModel):
         n_q_samples: int = 1,
     ):
         super().__init__()
-        self._hparams = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            dim=dim,
-            dim_mults=list(dim_mults),
-            num_res_blocks=num_res_blocks,
-            groups=groups,
-            attn_heads=attn_heads,
-            attn_dim_head=attn_dim_head,
-            linear_attn_levels=list(linear_attn_levels),
-            timesteps=timesteps,
-            beta_schedule=beta_schedule,
-            beta_start=float(beta_start),
-            beta_end=float(beta_end),
-            score_t=score_t,
-            n_q_samples=n_q_samples,
-        )
-        _check_hparams(self._hparams)
+        _check_hparams(self.arguments_of(DDPM))
         self.input_shape = (in_channels, image_size, image_size)
         self.timesteps, self.score_t, self.n_q_samples = timesteps, score_t, n_q_samples
         self.unet = Unet(
             in_channels,
             dim,
-            self._hparams["dim_mults"],
+            list(dim_mults),
             num_res_blocks,
             groups,
             attn_heads,
             attn_dim_head,
-            self._hparams["linear_attn_levels"],
+            list(linear_attn_levels),
         )
         # the schedule follows from the hparams: kept out of the state dict (and the fingerprint), float64
         # so a float64 reference model sees it unrounded

@@ -260,14 +260,6 @@ class Glow(DensityModel):
     ):
         super().__init__()
         _check_hparams(in_channels, image_size, num_levels, num_steps, hidden_channels, n_bits)
-        self._hparams = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            num_levels=num_levels,
-            num_steps=num_steps,
-            hidden_channels=hidden_channels,
-            n_bits=n_bits,
-        )
         self.input_shape = (in_channels, image_size, image_size)
         self.n_bits = n_bits
 

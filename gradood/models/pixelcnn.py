@@ -103,16 +103,7 @@ class PixelCNN(DensityModel):
         head_channels: int = 64,
     ):
         super().__init__()
-        self._hparams = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            channels=channels,
-            num_layers=num_layers,
-            kernel_size=kernel_size,
-            first_kernel_size=first_kernel_size,
-            head_channels=head_channels,
-        )
-        _check_hparams(**self._hparams)
+        _check_hparams(**self.arguments_of(PixelCNN))
         self.input_shape = (in_channels, image_size, image_size)
         self.v_in = vertical_conv(in_channels, channels, first_kernel_size, include_row=False)
         self.h_in = horizontal_conv(in_channels, channels, first_kernel_size, include_pixel=False)

@@ -141,15 +141,7 @@ class VAE(DensityModel):
         n_elbo_samples: int = 1,
     ):
         super().__init__()
-        self._hparams = dict(
-            in_channels=in_channels,
-            image_size=image_size,
-            hidden_channels=hidden_channels,
-            latent_dim=latent_dim,
-            norm_groups=norm_groups,
-            n_elbo_samples=n_elbo_samples,
-        )
-        _check_hparams(**self._hparams)
+        _check_hparams(**self.arguments_of(VAE))
         self.input_shape = (in_channels, image_size, image_size)
         self.latent_dim = latent_dim
         self.n_elbo_samples = n_elbo_samples

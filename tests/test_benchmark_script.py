@@ -1,4 +1,4 @@
-"""The feature benchmark runs end to end and writes the records the README's tables are built from."""
+"""The feature benchmark runs end to end and writes the records docs/results.md's tables are built from."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's custom-model example runs, trains a step, checkpoints and gets exact engine features."""
+"""docs/models.md's custom-model example runs, trains a step, checkpoints and gets exact engine features."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from gradood.models import DensityModel, build_model, model_names
 from gradood.models.checkpoint import load_checkpoint, save_checkpoint
 from gradood.seeding import draw_noise
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 
 
 def readme_example() -> dict:
-    text = README.read_text()
+    text = GUIDE.read_text()
     block = re.search(r"<!-- custom-model-example -->\s*```python\n(.*?)```", text, re.S)
-    assert block, "README lost its custom-model example"
+    assert block, "docs/models.md lost its custom-model example"
     namespace: dict = {"__name__": "readme_example"}
-    exec(compile(block.group(1), str(README), "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(block.group(1), str(GUIDE), "exec"), namespace)  # noqa: S102 - our own docs
     return namespace
 
 

@@ -24,12 +24,12 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 @dataclass
 class ModelConfig:
-    #: registry name (glow, ...)
-    name: str = "glow"
+    #: registry name (vae, glow, ddpm, pixelcnn, or a registered model of your own)
+    name: str = "vae"
     #: constructor keyword arguments of the model family
     params: dict[str, Any] = field(default_factory=dict)
     #: checkpoint directory (model.pt + model.json); trained first when missing and train.if_missing
-    checkpoint: str = "gradood/pretrained/glow_fmnist_small"
+    checkpoint: str = "gradood/pretrained/vae_fmnist_small"
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     #: training data; same URI forms as corpus.uri
     uri: str = "torchvision://FashionMNIST?split=train"
     #: train on the first this many rows of train.uri (null: all)
-    limit: int | None = None
+    size: int | None = None
     #: passes over the training rows
     epochs: int = 3
     #: rows per optimiser step on each worker
@@ -63,14 +63,14 @@ class TrainConfig:
     init_rows: int = 512
     #: Ray Train workers (data-parallel)
     num_workers: int = 1
-    #: one GPU per training worker
-    use_gpu: bool = False
+    #: GPUs each training worker asks Ray for (0: CPU workers)
+    gpus_per_worker: float = 0.0
     #: CPUs each training worker asks Ray for
     cpus_per_worker: int = 1
     #: Ray Train run name and storage; rerunning with the same pair resumes from the latest checkpoint
-    name: str = "glow_fmnist_small"
+    name: str = "vae_fmnist_small"
     #: where Ray Train keeps the run (shared storage such as s3:// on a multi-node cluster)
-    storage_path: str = "runs/ray_train"
+    runs_uri: str = "runs/ray_train"
     #: worker failures Ray Train recovers from before the run fails
     max_failures: int = 0
     #: train when model.checkpoint does not exist (score_corpus only)
@@ -145,7 +145,7 @@ class FlagConfig:
 class ExtractConfig:
     #: at most this many rows per forward/backward pass on a CPU worker; groups are never split
     batch_size: int = 64
-    #: the same on a GPU worker (num_gpus_per_worker > 0), where larger passes keep the device busy
+    #: the same on a GPU worker (gpus_per_worker > 0), where larger passes keep the device busy
     gpu_batch_size: int = 512
     #: B>1: features of the gradient of the summed log-likelihood of B consecutive rows
     group_size: int = 1
@@ -158,7 +158,7 @@ class ExtractConfig:
     #: CPUs each model worker asks Ray for (shrunk to fit a smaller cluster, with a log line)
     cpus_per_worker: float = 1.0
     #: GPUs each model worker asks Ray for (0: CPU workers)
-    num_gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0
     #: torch intra-op threads per worker (0: leave torch's default)
     torch_threads: int = 1
     #: CPUs of each reading-and-decoding task, which run ahead of the model workers (0 < x)
@@ -173,7 +173,7 @@ class CorpusConfig:
     #: Parquet image column (auto-detected when null)
     image_column: str | None = None
     #: score only the first this many inputs (null: all)
-    limit: int | None = None
+    size: int | None = None
     #: uri=demo: rows of each OOD source, and held-out FashionMNIST rows (a night mostly in-distribution)
     demo_rows_per_source: int = 50
     #: uri=demo: held-out FashionMNIST rows of the demo night

@@ -1,12 +1,12 @@
 """Train the generative model with Ray Train: `python jobs/train.py [--config FILE] [key=value ...]`.
 
-Settings: conf/train.yaml (model from conf/model/glow.yaml; `model=NAME` picks another) or the YAML given
+Settings: conf/train.yaml (model from conf/model/vae.yaml; `model=NAME` picks another) or the YAML given
 with --config (conf/train_quality.yaml: the paper-size run), overridable as dotlist arguments, e.g.
 `train.epochs=10 train.num_workers=2`. Without RAY_ADDRESS it starts an embedded local Ray; under
 `ray job submit` it attaches to the cluster. The training rows are read through Ray Data, block by
 block, and split between the workers (no worker loads the whole set). On a multi-node cluster
-train.storage_path (the Ray Train run) and model.checkpoint (the export) should be shared storage,
-e.g. s3://bucket/ray_train. Rerunning with the same train.name and train.storage_path resumes from the
+train.runs_uri (the Ray Train run) and model.checkpoint (the export) should be shared storage,
+e.g. s3://bucket/ray_train. Rerunning with the same train.name and train.runs_uri resumes from the
 last finished epoch. Prints the exported checkpoint location, its fingerprint and the final bits/dim.
 """
 

@@ -30,7 +30,7 @@ def test_held_out_in_distribution_p_values_are_calibrated(local_ray, tmp_path):
         [CONF_DIR / "score_corpus.yaml"],
         [
             "corpus.uri=torchvision://FashionMNIST?split=test",
-            "corpus.limit=5000",
+            "corpus.size=5000",
             "fit.uri=torchvision://FashionMNIST?split=test",
             "fit.start=5000",
             "fit.size=5000",

@@ -10,7 +10,15 @@ import pytest
 
 from gradood.analysis.config import load_analyse_config
 from gradood.config import CONF_DIR, EvaluateConfig, ScoreCorpusConfig, TrainJobConfig, load_config
-from gradood.core.cli import USAGE_ERROR, ConfigError, field_docs, help_text, leaf_settings, run_job
+from gradood.core.cli import (
+    RENAMED_KEYS,
+    USAGE_ERROR,
+    ConfigError,
+    field_docs,
+    help_text,
+    leaf_settings,
+    run_job,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,3 +111,30 @@ def test_run_job_turns_a_config_error_into_one_line_and_status_2(capsys):
 
     with pytest.raises(ValueError, match="not a config error"):  # a job's own failure keeps its traceback
         run_job(failing, [], lambda: "")
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(RENAMED_KEYS.items()))
+def test_a_renamed_key_fails_naming_its_new_name(old, new, tmp_path):
+    schema, yaml = (
+        (TrainJobConfig, "train.yaml")
+        if old.startswith("train.")
+        else (ScoreCorpusConfig, "score_corpus.yaml")
+    )
+    with pytest.raises(ConfigError, match=f"^{old} was renamed to {new}$"):
+        load_config(schema, [CONF_DIR / yaml], [f"{old}=1"])
+    section, leaf = old.split(".")
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text(f"{section}:\n  {leaf}: 1\n")
+    with pytest.raises(ConfigError, match=f"^{old} was renamed to {new}$"):
+        load_config(schema, [CONF_DIR / yaml, old_yaml])
+    renamed = load_config(schema, [CONF_DIR / yaml], [f"{new}=2"])
+    assert float(getattr(getattr(renamed, section), new.split(".")[1])) == 2  # runs_uri is a string
+
+
+def test_the_default_model_family_is_the_shipped_default():
+    from gradood.config import ModelConfig
+
+    scoring = load_config(ScoreCorpusConfig, [CONF_DIR / "score_corpus.yaml"])
+    training = load_config(TrainJobConfig, [CONF_DIR / "train.yaml"])
+    assert ModelConfig().name == scoring.model.name == training.model.name == "vae"
+    assert ModelConfig().checkpoint == scoring.model.checkpoint == training.model.checkpoint

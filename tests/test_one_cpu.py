@@ -54,7 +54,7 @@ def test_unschedulable_stage_fails_by_name_and_rerun_completes(one_cpu_ray, work
     # a GPU the cluster does not have: the model workers never start. Run as the job a user runs, in its
     # own process and embedded Ray: the stalled stage's executor is left behind, and the process exits.
     stuck = job_overrides(
-        workspace, out, "ray.num_cpus=1", "extract.num_gpus_per_worker=1", "run.stall_timeout_s=15"
+        workspace, out, "ray.num_cpus=1", "extract.gpus_per_worker=1", "run.stall_timeout_s=15"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     script = str(REPO / "jobs" / "score_corpus.py")

@@ -12,6 +12,7 @@ import torch
 from ray.train import Checkpoint
 
 from gradood.config import CONF_DIR, ModelConfig, ScoreCorpusConfig, TrainConfig, TrainJobConfig, load_config
+from gradood.core.cli import RENAMED_KEYS
 from gradood.models import build_model
 from gradood.models.checkpoint import load_checkpoint, model_fingerprint
 from gradood.models.glow import ActNorm
@@ -32,8 +33,8 @@ TINY_GLOW = dict(num_steps=1, hidden_channels=8)
 
 def tiny_config(tmp_path, **train) -> TrainJobConfig:
     settings = dict(
-        limit=128, epochs=2, batch_size=32, lr=3e-3, warmup_steps=2, init_rows=64, cpus_per_worker=1,
-        storage_path=str(tmp_path / "runs"),
+        size=128, epochs=2, batch_size=32, lr=3e-3, warmup_steps=2, init_rows=64, cpus_per_worker=1,
+        runs_uri=str(tmp_path / "runs"),
     )  # fmt: skip
     return TrainJobConfig(
         seed=3,
@@ -46,7 +47,7 @@ def fresh(cfg: TrainJobConfig):
     """A freshly initialised model (as a worker builds it) and every training row, read directly."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.params)
-    return model, init_batch(train_source(cfg), model_converter(model, cfg), cfg.train.limit)
+    return model, init_batch(train_source(cfg), model_converter(model, cfg), cfg.train.size)
 
 
 def runner_for(model, cfg: TrainJobConfig) -> EpochRunner:
@@ -96,7 +97,7 @@ def test_warmup_is_linear_then_flat():
 def dataset(local_ray, tmp_path_factory):
     """The training Dataset of the tiny config, in 3 blocks so that shuffling and splitting have blocks to
     move, and every row read directly for comparison."""
-    cfg = tiny_config(tmp_path_factory.mktemp("data"), limit=100)
+    cfg = tiny_config(tmp_path_factory.mktemp("data"), size=100)
     model, rows = fresh(cfg)
     ds, init, origin = train_dataset(cfg, model, rows_per_block=40)
     return cfg, ds, init, origin, rows
@@ -132,7 +133,7 @@ def test_undecodable_rows_drop_out_of_the_dataset(local_ray, tmp_path):
     for i in range(6):
         Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / f"{i}.png")
     (folder / "3.png").write_bytes(b"not a png")
-    cfg = tiny_config(tmp_path, uri=str(folder), limit=None, init_rows=4)
+    cfg = tiny_config(tmp_path, uri=str(folder), size=None, init_rows=4)
     ds, init, origin = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=2)
     assert origin["num_rows"] == 6 and origin["blocks"] == 3
     names = [i.rsplit("/", 1)[1] for b in epoch_batches(ds.iterator(), 8, cfg.seed, epoch=1) for i in b.ids]
@@ -216,7 +217,7 @@ def test_shipped_checkpoint_matches_the_default_config(family):
     trained_with = meta["training"]["config"]
     weight_settings = (
         "uri",
-        "limit",
+        "size",
         "epochs",
         "batch_size",
         "lr",
@@ -225,7 +226,9 @@ def test_shipped_checkpoint_matches_the_default_config(family):
         "grad_clip",
     )
     assert trained_with["seed"] == cfg.seed
-    assert {k: trained_with["train"][k] for k in weight_settings} == {
+    renamed = {new.split(".")[1]: old.split(".")[1] for old, new in RENAMED_KEYS.items()}
+    recorded = trained_with["train"]  # as the training job's config named its keys then
+    assert {k: recorded[k] if k in recorded else recorded[renamed[k]] for k in weight_settings} == {
         k: getattr(cfg.train, k) for k in weight_settings
     }
 
@@ -253,7 +256,7 @@ def two_worker_run(local_ray, tmp_path_factory):
     from gradood.train import train_model
 
     tmp = tmp_path_factory.mktemp("train")
-    cfg = tiny_config(tmp, num_workers=2, name="e2e", storage_path=f"file://{tmp}/runs")
+    cfg = tiny_config(tmp, num_workers=2, name="e2e", runs_uri=f"file://{tmp}/runs")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=f"file://{tmp}/model"))
     return cfg, train_model(cfg)
 
@@ -309,7 +312,7 @@ def test_ray_train_workers_get_disjoint_shares_each_row_once_per_epoch(local_ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = tiny_config(tmp_path, limit=90)
+    cfg = tiny_config(tmp_path, size=90)
     ds, _, _ = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=20)
 
     def probe(config):

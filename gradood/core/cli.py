@@ -20,6 +20,14 @@ from typing import Any
 #: exit status of a job given a bad key or value (the convention of argparse and most Unix tools)
 USAGE_ERROR = 2
 HELP_FLAGS = ("-h", "--help")
+#: settings that were renamed (old key -> new key); the old key fails with a message naming the new one
+RENAMED_KEYS = {
+    "train.limit": "train.size",
+    "corpus.limit": "corpus.size",
+    "train.use_gpu": "train.gpus_per_worker",
+    "train.storage_path": "train.runs_uri",
+    "extract.num_gpus_per_worker": "extract.gpus_per_worker",
+}
 
 
 class ConfigError(ValueError):
@@ -34,7 +42,10 @@ def check_dotlist(items: Sequence[str]) -> None:
 
 
 def unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
-    """The error for a key the job does not have, naming the closest valid keys."""
+    """The error for a key the job does not have, naming the closest valid keys (or, for a renamed
+    key, its new name)."""
+    if key in RENAMED_KEYS and RENAMED_KEYS[key] in valid:
+        return ConfigError(f"{key} was renamed to {RENAMED_KEYS[key]}")
     section, _, leaf = key.rpartition(".")
     siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == section]
     if siblings:  # the section exists: a typo in the last part

@@ -205,7 +205,7 @@ def run_extraction(
     in calibration part 2) and shard summaries carry the moments of their fit rows.
     """
     ex = cfg.extract
-    use_gpu = ex.num_gpus_per_worker > 0
+    use_gpu = ex.gpus_per_worker > 0
     batch_size, key = (ex.gpu_batch_size, "gpu_batch_size") if use_gpu else (ex.batch_size, "batch_size")
     if ex.decode_cpus <= 0:
         raise ValueError(f"extract.decode_cpus must be positive, got {ex.decode_cpus}")
@@ -235,8 +235,8 @@ def run_extraction(
         )
     cpu = plan_cpus(ex, len(pending), what)
     resources: dict[str, Any] = {"num_cpus": cpu.worker_cpus}
-    if ex.num_gpus_per_worker > 0:
-        resources["num_gpus"] = ex.num_gpus_per_worker
+    if ex.gpus_per_worker > 0:
+        resources["num_gpus"] = ex.gpus_per_worker
     ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=max(1, len(pending)))
     decode_args = {"num_cpus": cpu.task_cpus}
     ds = ds.map_batches(

@@ -80,9 +80,9 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
         )
     incremental = cfg.run.incremental
     torchvision = urlsplit(corpus_uri).scheme == TORCHVISION_SCHEME
-    if incremental and (torchvision or cfg.corpus.limit is not None):
+    if incremental and (torchvision or cfg.corpus.size is not None):
         raise ValueError(
-            "run.incremental=true needs a folder or Parquet corpus without corpus.limit "
+            "run.incremental=true needs a folder or Parquet corpus without corpus.size "
             f"(it compares files by size and modification time), got {cfg.corpus.uri}"
         )
     seen = seen_manifests(out, run_id) if incremental else []
@@ -90,13 +90,13 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
     limits = {"max_pixels": cfg.corpus.max_pixels, "max_bytes": cfg.corpus.max_bytes}
     staged = None
     if not torchvision and cfg.corpus.image_column is None:
-        staged = stage_listing(corpus_uri, manifest_uri(out, run_id), seen, limit=cfg.corpus.limit, **limits)
+        staged = stage_listing(corpus_uri, manifest_uri(out, run_id), seen, limit=cfg.corpus.size, **limits)
     if staged is not None:
         listed, kept = staged.listed, staged.kept
         source: CorpusSource = staged.source
     else:
         source = open_source(
-            corpus_uri, image_column=cfg.corpus.image_column, limit=cfg.corpus.limit, **limits
+            corpus_uri, image_column=cfg.corpus.image_column, limit=cfg.corpus.size, **limits
         )
         inputs = source.input_files()
         if inputs is not None:

@@ -176,7 +176,7 @@ def extraction_device(use_gpu: bool) -> torch.device:
     if not use_gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("extract.num_gpus_per_worker > 0, but this worker sees no CUDA device")
+        raise RuntimeError("extract.gpus_per_worker > 0, but this worker sees no CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return torch.device("cuda", 0)

@@ -48,7 +48,7 @@ def progress_or_fail(items: Iterable[T], timeout_s: float | None, stage: str) ->
                 f"{stage}: no progress for {timeout_s:g} s (run.stall_timeout_s); the finished part is "
                 "kept and a rerun resumes from it. A stage that never starts usually lacks a resource: "
                 "check the cluster's CPUs and GPUs against extract.num_workers, extract.cpus_per_worker, "
-                "extract.num_gpus_per_worker and extract.decode_cpus"
+                "extract.gpus_per_worker and extract.decode_cpus"
             ) from None
         if kind == "end":
             return

@@ -29,7 +29,7 @@ worker and one on two; the suite tests repeated in-process epochs and that the s
 epochs), and a run resumed after epoch e sees the batches the uninterrupted run would have. What is
 not: the weights change with the number of workers (each rank's batch is ``batch_size / W`` rows of its
 own share, and DDP averages the ranks' gradients in float32), with the block size and with
-``train.limit``. The equal split leaves out up to W - 1 rows per epoch so that every rank takes the same
+``train.size``. The equal split leaves out up to W - 1 rows per epoch so that every rank takes the same
 number of optimiser steps.
 """
 
@@ -69,7 +69,7 @@ def block_rows(model: DensityModel) -> int:
 
 
 def train_source(cfg: TrainJobConfig) -> CorpusSource:
-    return open_source(cfg.train.uri, limit=cfg.train.limit)
+    return open_source(cfg.train.uri, limit=cfg.train.size)
 
 
 def model_converter(model: DensityModel, cfg: TrainJobConfig) -> ImageConverter:
@@ -120,7 +120,7 @@ def train_dataset(
     source = train_source(cfg)
     num_rows = source.num_rows()
     if num_rows == 0:
-        raise ValueError(f"no training rows in {cfg.train.uri} (train.limit={cfg.train.limit})")
+        raise ValueError(f"no training rows in {cfg.train.uri} (train.size={cfg.train.size})")
     converter = model_converter(model, cfg)
     shards = source.shards(rows_per_block or block_rows(model))
     shuffle_seed = row_seed(cfg.seed, "train", "shuffle") % _SEED_MAX

@@ -1,7 +1,7 @@
 """Driver side of training: build the training Dataset, run the Ray Train job, then export its last
 checkpoint as the model.
 
-``train.storage_path`` (the Ray Train run's checkpoints) and ``model.checkpoint`` (the exported model)
+``train.runs_uri`` (the Ray Train run's checkpoints) and ``model.checkpoint`` (the exported model)
 may be local paths or URIs (s3://, gs://, file://): storage paths go to Ray Train's ``RunConfig`` as
 they are, and the export is written through :mod:`gradood.core.storage`.
 """
@@ -65,8 +65,11 @@ def check_cpus_for_reading(train: TrainConfig) -> None:
 def scaling_config(train: TrainConfig) -> ScalingConfig:
     return ScalingConfig(
         num_workers=train.num_workers,
-        use_gpu=train.use_gpu,
-        resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+        use_gpu=train.gpus_per_worker > 0,
+        resources_per_worker={
+            "CPU": train.cpus_per_worker,
+            **({"GPU": train.gpus_per_worker} if train.gpus_per_worker > 0 else {}),
+        },
     )
 
 
@@ -97,7 +100,7 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
     final weights to ``cfg.model.checkpoint``. The rows reach the workers as a Ray Dataset
     (:func:`~gradood.train.data.train_dataset`), read lazily and split between them.
 
-    Rerunning with the same ``train.name`` and ``train.storage_path`` resumes from the run's latest
+    Rerunning with the same ``train.name`` and ``train.runs_uri`` resumes from the run's latest
     checkpoint and trains only the epochs still missing up to ``train.epochs``.
     """
     with torch.random.fork_rng(devices=[]):  # only for its input size (what the reader decodes to)
@@ -111,7 +114,7 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
         scaling_config=scaling_config(cfg.train),
         run_config=RunConfig(
             name=cfg.train.name,
-            storage_path=run_storage(cfg.train.storage_path),
+            storage_path=run_storage(cfg.train.runs_uri),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -19,7 +19,7 @@ TINY = dict(
     image_size=8,
     dim=8,
     dim_mults=[1, 2],
-    groups=4,
+    norm_groups=4,
     attn_heads=2,
     attn_dim_head=4,
     linear_attn_levels=[0, 1],
@@ -219,7 +219,7 @@ def test_checkpoint_round_trip(tmp_path):
     "bad",
     [
         dict(dim=7),
-        dict(groups=3),
+        dict(norm_groups=3),
         dict(dim_mults=[]),
         dict(dim_mults=[1, 1.5]),
         dict(linear_attn_levels=[2]),
@@ -243,3 +243,9 @@ def test_wrong_shapes_raise():
         model.log_prob(x[:, :, :4], noise)
     with pytest.raises(ValueError, match="eps"):
         model.log_prob(x, {"eps": noise["eps"][:, :1]})
+
+
+def test_the_old_name_of_norm_groups_fails_naming_the_new_one():
+    with pytest.raises(ValueError, match=r"^model 'ddpm': parameter groups was renamed to norm_groups"):
+        build_model("ddpm", {**TINY, "groups": 4})
+    assert build_model("ddpm", TINY).hparams()["norm_groups"] == 4

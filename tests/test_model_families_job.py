@@ -20,7 +20,7 @@ TINY = {
     "ddpm": {
         "dim": 8,
         "dim_mults": [1, 2],
-        "groups": 4,
+        "norm_groups": 4,
         "attn_heads": 2,
         "attn_dim_head": 4,
         "timesteps": 20,

@@ -50,6 +50,9 @@ def build_model(name: str, params: dict[str, Any] | None = None) -> DensityModel
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(registry))}")
     cls = registry[name]
+    for old, new in cls.renamed_params.items():
+        if old in (params or {}):
+            raise ValueError(f"model {name!r}: parameter {old} was renamed to {new} (model.params.{new})")
     try:
         return cls(**(params or {}))
     except TypeError as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ class DensityModel(nn.Module):
     name: str = ""
     #: (C, H, W) the model expects
     input_shape: tuple[int, int, int] = (1, 28, 28)
+    #: constructor arguments that were renamed (old -> new): a config or checkpoint with the old name
+    #: fails with a message naming the new one
+    renamed_params: ClassVar[dict[str, str]] = {}
 
     @property
     def image_mode(self) -> str:

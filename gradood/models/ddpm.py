@@ -68,10 +68,10 @@ class SinusoidalTimeEmbedding(nn.Module):
 class Block(nn.Module):
     """3x3 conv, GroupNorm, optional FiLM (x * (1 + scale) + shift) from the time embedding, SiLU."""
 
-    def __init__(self, dim_in: int, dim_out: int, groups: int):
+    def __init__(self, dim_in: int, dim_out: int, norm_groups: int):
         super().__init__()
         self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.norm = nn.GroupNorm(groups, dim_out)
+        self.norm = nn.GroupNorm(norm_groups, dim_out)
 
     def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
         x = self.norm(self.conv(x))
@@ -84,11 +84,11 @@ class Block(nn.Module):
 class ResnetBlock(nn.Module):
     """Two Blocks, the first modulated by the time embedding, plus a (1x1 conv) skip."""
 
-    def __init__(self, dim_in: int, dim_out: int, time_dim: int, groups: int):
+    def __init__(self, dim_in: int, dim_out: int, time_dim: int, norm_groups: int):
         super().__init__()
         self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, dim_out * 2))
-        self.block1 = Block(dim_in, dim_out, groups)
-        self.block2 = Block(dim_out, dim_out, groups)
+        self.block1 = Block(dim_in, dim_out, norm_groups)
+        self.block2 = Block(dim_out, dim_out, norm_groups)
         self.skip = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x: Tensor, time_emb: Tensor) -> Tensor:
@@ -170,7 +170,7 @@ class Unet(nn.Module):
         dim: int,
         dim_mults: Sequence[int],
         num_res_blocks: int,
-        groups: int,
+        norm_groups: int,
         attn_heads: int,
         attn_dim_head: int,
         linear_attn_levels: Sequence[int],
@@ -182,7 +182,7 @@ class Unet(nn.Module):
         )
 
         def res_blocks(d_in: int, d_out: int) -> list[ResnetBlock]:
-            return [ResnetBlock(d_in, d_out, time_dim, groups) for _ in range(num_res_blocks)]
+            return [ResnetBlock(d_in, d_out, time_dim, norm_groups) for _ in range(num_res_blocks)]
 
         def attention(d: int, level: int) -> nn.Module:
             if level not in linear_attn_levels:
@@ -202,16 +202,16 @@ class Unet(nn.Module):
             for i, (d_in, d_out) in in_out
         )
         mid = dims[-1]
-        self.mid_block1 = ResnetBlock(mid, mid, time_dim, groups)
+        self.mid_block1 = ResnetBlock(mid, mid, time_dim, norm_groups)
         self.mid_attn = Attention(mid, attn_heads, attn_dim_head, linear=False)
-        self.mid_block2 = ResnetBlock(mid, mid, time_dim, groups)
+        self.mid_block2 = ResnetBlock(mid, mid, time_dim, norm_groups)
         self.ups = nn.ModuleList(
             UpLevel(
                 res_blocks(d_out + d_in, d_out), attention(d_out, i), nn.Conv2d(d_out, d_in, 3, padding=1)
             )
             for i, (d_in, d_out) in reversed(in_out)
         )
-        self.final_block = ResnetBlock(dim * 2, dim, time_dim, groups)
+        self.final_block = ResnetBlock(dim * 2, dim, time_dim, norm_groups)
         self.final_conv = nn.Conv2d(dim, channels, 1)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -230,7 +230,7 @@ class Unet(nn.Module):
 
 def _check_hparams(hp: dict[str, Any]) -> None:
     positive = (
-        "in_channels", "image_size", "dim", "num_res_blocks", "groups", "attn_heads", "attn_dim_head",
+        "in_channels", "image_size", "dim", "num_res_blocks", "norm_groups", "attn_heads", "attn_dim_head",
         "timesteps", "n_q_samples",
     )  # fmt: skip
     require_positive_ints("DDPM", **{key: hp[key] for key in positive})
@@ -247,8 +247,8 @@ def _check_hparams(hp: dict[str, Any]) -> None:
             f"DDPM: dim must be even and >= 4 (it is also the time embedding's width), got {hp['dim']}"
         )
     widths = sorted({hp["dim"] * m for m in [1, *mults]})
-    if any(w % hp["groups"] for w in widths):
-        raise ValueError(f"DDPM: groups={hp['groups']} must divide every U-Net width {widths}")
+    if any(w % hp["norm_groups"] for w in widths):
+        raise ValueError(f"DDPM: norm_groups={hp['norm_groups']} must divide every U-Net width {widths}")
     if not isinstance(hp["score_t"], int) or not 0 <= hp["score_t"] < hp["timesteps"]:
         raise ValueError(f"DDPM: score_t must be an integer in [0, timesteps), got {hp['score_t']!r}")
     if hp["beta_schedule"] not in BETA_SCHEDULES:
@@ -261,6 +261,7 @@ def _check_hparams(hp: dict[str, Any]) -> None:
 
 class DDPM(DensityModel):
     name = "ddpm"
+    renamed_params = {"groups": "norm_groups"}
 
     def __init__(
         self,
@@ -269,7 +270,7 @@ class DDPM(DensityModel):
         dim: int = 16,
         dim_mults: Sequence[int] = (1, 2, 2),
         num_res_blocks: int = 1,
-        groups: int = 8,
+        norm_groups: int = 8,
         attn_heads: int = 4,
         attn_dim_head: int = 16,
         linear_attn_levels: Sequence[int] = (1, 2),
@@ -289,7 +290,7 @@ class DDPM(DensityModel):
             dim,
             list(dim_mults),
             num_res_blocks,
-            groups,
+            norm_groups,
             attn_heads,
             attn_dim_head,
             list(linear_attn_levels),

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from tests.pipeline_fixtures import stop_shared_ray
+
 torch.set_num_threads(int(os.environ.get("GRADOOD_TEST_THREADS", "1")))
 
 
@@ -12,14 +14,21 @@ def _deterministic_torch():
     yield
 
 
+@pytest.fixture(scope="session")
+def _shared_ray_session():
+    yield
+    stop_shared_ray()
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """An embedded Ray for one test module (3 CPUs: two extraction workers and the reducer/scorer)."""
+def local_ray(_shared_ray_session):
+    """One embedded Ray for the session (3 CPUs: two extraction workers and the reducer/scorer),
+    started by the first module that asks for it, so Ray starts once per run rather than per module."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=3, include_dashboard=False)
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +61,7 @@ def s3_server():
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     }
+    stop_shared_ray()  # Ray workers started from here on inherit the environment below
     requests_log = logging.getLogger("werkzeug")  # one line per request otherwise
     level = requests_log.level
     requests_log.setLevel(logging.WARNING)
@@ -63,5 +73,6 @@ def s3_server():
         try:
             yield SimpleNamespace(endpoint=endpoint, env=env)
         finally:
+            stop_shared_ray()  # its workers point at this server, which stops now
             server.stop()
             requests_log.setLevel(level)

@@ -106,3 +106,12 @@ def reference_scores(
             "log_prob": x[k, -1],
         }
     return out
+
+
+def stop_shared_ray() -> None:
+    """For a module that needs a Ray of its own (other CPUs, or an environment its workers must
+    inherit): stop the shared one; the next module that asks for ``local_ray`` starts it again."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -22,6 +22,7 @@ from gradood.features import feature_layer_names
 from gradood.models.base import DensityModel
 from gradood.models.checkpoint import load_checkpoint
 from gradood.seeding import draw_noise
+from tests.pipeline_fixtures import stop_shared_ray
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "gradood" / "pretrained"
 
@@ -291,6 +292,7 @@ def test_end_to_end_on_local_ray(tmp_path):
             "extract.shard_size=120",
         ]
     )
+    stop_shared_ray()
     ray.init(num_cpus=3, include_dashboard=False)
     try:
         summary = run_analysis(cfg, "test")

@@ -14,6 +14,7 @@ import ray
 from gradood.config import ExtractConfig
 from gradood.pipeline import extract, ray_job
 from gradood.pipeline.watchdog import StallError
+from tests.pipeline_fixtures import stop_shared_ray
 from tests.test_pipeline_job import job_config, job_overrides, workspace  # noqa: F401  (a module fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ def test_cpu_plan_leaves_decoding_a_cpu(monkeypatch, cpus, expected):
 
 @pytest.fixture(scope="module")
 def one_cpu_ray():
+    stop_shared_ray()
     ray.init(num_cpus=1, include_dashboard=False)
     yield
     ray.shutdown()

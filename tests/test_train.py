@@ -155,7 +155,7 @@ def test_training_lowers_float64_bpd_and_is_reproducible(dataset):
         step, reported = 0, []
         for epoch in range(1, cfg.train.epochs + 1):
             stats, step = runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, epoch), epoch, step)
-            reported.append(stats.train_bpd)
+            reported.append(stats.train_loss)
         assert step == 3 * 4 and stats.rows == 100 and stats.steps == 4
         fingerprints.append(model_fingerprint(model))
         after = float64_bpd(model, rows.images.float(), probe)
@@ -172,7 +172,7 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(dataset, tmp_
     runner = runner_for(model, cfg)
     stats, step = runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 1), 1, 0)
     write_checkpoint(
-        str(tmp_path / "ckpt"), model, runner.optimizer, step, [{"epoch": 1, "train_bpd": 1.0}], cfg, origin
+        str(tmp_path / "ckpt"), model, runner.optimizer, step, [{"epoch": 1, "train_loss": 1.0}], cfg, origin
     )
     runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 2), 2, step)
 
@@ -275,7 +275,8 @@ def test_train_model_two_workers_end_to_end(two_worker_run):
     assert training["epochs_done"] == 2 and training["data"]["rows"] == 128
     assert training["data"]["skipped"] == 0 and training["data"]["blocks"] == 1
     assert [h["epoch"] for h in training["history"]] == [1, 2]
-    assert training["train_bpd"] == result.metrics["train_bpd"]
+    assert training["train_loss"] == result.metrics["train_loss"]
+    assert training["loss"] == "bits/dim"
     assert training["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
 
     untrained, rows = fresh(cfg)

@@ -39,6 +39,8 @@ class DensityModel(nn.Module):
     #: constructor arguments that were renamed (old -> new): a config or checkpoint with the old name
     #: fails with a message naming the new one
     renamed_params: ClassVar[dict[str, str]] = {}
+    #: what ``training_loss`` measures, as the training job reports it
+    loss_name: ClassVar[str] = "bits/dim"
 
     @property
     def image_mode(self) -> str:

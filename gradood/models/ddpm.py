@@ -262,6 +262,7 @@ def _check_hparams(hp: dict[str, Any]) -> None:
 class DDPM(DensityModel):
     name = "ddpm"
     renamed_params = {"groups": "norm_groups"}
+    loss_name = "L_simple (noise-prediction MSE per pixel)"
 
     def __init__(
         self,

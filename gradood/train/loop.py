@@ -64,7 +64,7 @@ def init_from_data(model: DensityModel, batch: TrainBatch, cfg: TrainJobConfig) 
 @dataclass
 class EpochStats:
     epoch: int
-    train_bpd: float
+    train_loss: float
     rows: int
     steps: int
     seconds: float
@@ -94,12 +94,13 @@ class EpochRunner:
     optimizer: torch.optim.Optimizer
     cfg: TrainJobConfig
     device: torch.device
-    log: Callable[[str], None] = print
+    progress: Callable[[str], None] = print
 
     def run(self, batches: Iterable[TrainBatch], epoch: int, step: int) -> tuple[EpochStats, int]:
-        """One pass over ``batches`` (this rank's share of the epoch); returns the epoch's mean bits/dim
-        and row count over all ranks and the optimiser step count after it (the warmup schedule runs on
-        global steps). Every rank must bring the same number of batches: each step all-reduces."""
+        """One pass over ``batches`` (this rank's share of the epoch); returns the epoch's mean training
+        loss (``model.loss_name``) and row count over all ranks and the optimiser step count after it
+        (the warmup schedule runs on global steps). Every rank must bring the same number of batches:
+        each step all-reduces."""
         cfg = self.cfg
         self.loss_module.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -131,8 +132,8 @@ class EpochRunner:
             now = time.perf_counter()
             if now - last_log >= PROGRESS_EVERY_S:
                 last_log = now
-                self.log(
-                    f"epoch {epoch} batch {num_batches}: {loss_sum / seen:.4f} bits/dim, "
+                self.progress(
+                    f"epoch {epoch} batch {num_batches}: {loss_sum / seen:.4f} {self.model.loss_name}, "
                     f"{seen / (now - t0):.1f} rows/s (this worker)"
                 )
         total_loss, total_rows = all_reduce_sum([loss_sum, float(seen)], self.device)

@@ -69,7 +69,8 @@ def write_checkpoint(
     training = {
         "config": dataclasses.asdict(cfg),
         "epochs_done": int(last["epoch"]),
-        "train_bpd": last["train_bpd"],
+        "train_loss": last["train_loss"],
+        "loss": model.loss_name,
         "history": history,
         "data": data,
     }
@@ -94,7 +95,7 @@ def read_checkpoint(checkpoint: ray.train.Checkpoint) -> tuple[dict[str, torch.T
 def epoch_metrics(stats: EpochStats, start_epoch: int) -> dict[str, float]:
     return {
         "epoch": stats.epoch,
-        "train_bpd": stats.train_bpd,
+        "train_loss": stats.train_loss,
         "rows_per_s": stats.rows_per_s,
         "epoch_seconds": stats.seconds,
         "rows": stats.rows,
@@ -130,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if cfg.train.batch_size % world_size:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} workers")
 
-    def log(message: str) -> None:
+    def progress(message: str) -> None:
         logger.log(logging.INFO if rank == 0 else logging.DEBUG, f"[gradood.train] {message}")
 
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -144,13 +145,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     device = ray.train.torch.get_device()
-    runner = EpochRunner(model, loss_module, optimizer, cfg, device, log)
+    runner = EpochRunner(model, loss_module, optimizer, cfg, device, progress)
     batch_size = cfg.train.batch_size // world_size
 
     plan = (
         f"epochs {start_epoch}..{cfg.train.epochs}" if start_epoch <= cfg.train.epochs else "nothing to train"
     )
-    log(
+    progress(
         f"{cfg.model.name}: {sum(p.numel() for p in model.parameters())} parameters, {source['num_rows']} "
         f"source rows in {source['blocks']} Ray Data blocks over {world_size} worker(s) on {device}; "
         f"{f'resuming after epoch {start_epoch - 1}, ' if start_epoch > 1 else ''}{plan}"
@@ -159,9 +160,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     epochs_run = []
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         stats, step = runner.run(epoch_batches(shard, batch_size, cfg.seed, epoch, rank), epoch, step)
-        history.append({"epoch": epoch, "train_bpd": stats.train_bpd, "rows_per_s": stats.rows_per_s})
-        log(
-            f"epoch {epoch}/{cfg.train.epochs}: {stats.train_bpd:.4f} bits/dim, {stats.rows} rows, "
+        history.append({"epoch": epoch, "train_loss": stats.train_loss, "rows_per_s": stats.rows_per_s})
+        progress(
+            f"epoch {epoch}/{cfg.train.epochs}: {stats.train_loss:.4f} {model.loss_name}, {stats.rows} rows, "
             f"{stats.rows_per_s:.1f} rows/s, {stats.seconds:.0f} s"
         )
         # rows trained on per epoch; "skipped": source rows that were not (undecodable, or left out by

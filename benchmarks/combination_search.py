@@ -48,7 +48,7 @@ def load_run(out: Path) -> tuple[DetectorSuite, dict, ScoreCorpusConfig, str]:
 
 def suite_tails(suite: DetectorSuite, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every test's smooth log-tail (log p~, the combinations' inputs) of the feature rows ``x``."""
-    return {t: suite.calibrator(t).log_tail(suite.test_statistic(t, x)) for t in suite.tests_}
+    return {t: suite.calibrator(t).smooth_log_p(suite.test_statistic(t, x)) for t in suite.tests_}
 
 
 def family_tails(out: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:

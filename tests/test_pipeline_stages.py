@@ -173,7 +173,7 @@ def test_shard_writer_contract(model_dir, tmp_path):
     high = (1 + (calibration[None, :] >= statistic[:, None]).sum(axis=1)) / (len(calibration) + 1)
     low = (1 + (calibration[None, :] <= statistic[:, None]).sum(axis=1)) / (len(calibration) + 1)
     np.testing.assert_allclose(scored["p_value:typicality"], np.minimum(1, 2 * np.minimum(high, low)))
-    tail = EqualTailedCalibrator(calibration).log_tail(statistic)
+    tail = EqualTailedCalibrator(calibration).smooth_log_p(statistic)
     np.testing.assert_allclose(scored["score:typicality"], -tail)
     paper = suite.tests_["paper"]
     np.testing.assert_allclose(scored["score:paper"], paper.ood_score(x[:, :-1]))

@@ -49,9 +49,9 @@ def test_equal_tailed_p_values_are_valid_on_a_skewed_null_and_see_both_tails(alp
     np.testing.assert_array_equal(calibrator.p_value(far), [2 / (n + 1), 2 / (n + 1)])
     assert ConformalCalibrator(cal[0]).p_value(far[:1])[0] == 1.0  # one tail misses the low row
     # the smooth tail falls on both sides, below log(2 / (n + 1)) beyond the calibration range
-    log_tail = calibrator.log_tail(far)
-    assert (log_tail < np.log(2 / (n + 1))).all()
-    sides = calibrator.side_log_tails(far)
+    smooth_log_p = calibrator.smooth_log_p(far)
+    assert (smooth_log_p < np.log(2 / (n + 1))).all()
+    sides = calibrator.side_smooth_log_p(far)
     assert sides[0, 1] < sides[0, 0] and sides[1, 0] < sides[1, 1]
 
 
@@ -110,20 +110,20 @@ def test_p_values_are_exactly_valid_under_exchangeability(alpha):
     assert abs(rate - expected) < 4 * np.sqrt(expected * (1 - expected) / reps)  # ~0.004, well under 0.05
 
 
-def test_log_tail_interpolates_conformal_p_and_keeps_falling_beyond_the_calibration():
+def test_smooth_log_p_interpolates_conformal_p_and_keeps_falling_beyond_the_calibration():
     rng = np.random.default_rng(2)
     cal = ConformalCalibrator(rng.normal(size=200))
     knots = np.unique(cal.scores)
-    np.testing.assert_allclose(cal.log_tail(knots), np.log(cal.p_value(knots)), rtol=1e-12)
+    np.testing.assert_allclose(cal.smooth_log_p(knots), np.log(cal.p_value(knots)), rtol=1e-12)
     grid = np.linspace(-5, 12, 2000)
-    tail = cal.log_tail(grid)
+    tail = cal.smooth_log_p(grid)
     assert np.all(np.diff(tail) <= 0) and np.all(tail <= 0)
     above = grid > cal.scores[-1]
     assert np.all(np.diff(tail[above]) < 0)  # far rows stay ordered instead of tying at 1/(n+1)
     assert tail[-1] < np.log(1 / 201) - 10
     # between two knots it lies between their values
     mid = 0.5 * (knots[10] + knots[11])
-    assert cal.log_tail([knots[11]])[0] <= cal.log_tail([mid])[0] <= cal.log_tail([knots[10]])[0]
+    assert cal.smooth_log_p([knots[11]])[0] <= cal.smooth_log_p([mid])[0] <= cal.smooth_log_p([knots[10]])[0]
 
 
 @pytest.mark.parametrize("method", ["bh", "by"])
@@ -229,11 +229,11 @@ def test_combined_test_follows_its_definition():
         test = CombinedTest(components, rule).calibrate(part_2)
 
         def by_hand(x, merge=merge):
-            return merge(np.column_stack([c.log_tail(x[:, k]) for k, c in enumerate(components)]))
+            return merge(np.column_stack([c.smooth_log_p(x[:, k]) for k, c in enumerate(components)]))
 
         stat, smallest = test.statistic(night)
         np.testing.assert_array_equal(stat, by_hand(night))
-        log_p = np.column_stack([c.log_tail(night[:, k]) for k, c in enumerate(components)])
+        log_p = np.column_stack([c.smooth_log_p(night[:, k]) for k, c in enumerate(components)])
         np.testing.assert_array_equal(smallest, np.argmin(log_p, axis=1))
         calibration = by_hand(part_2)
         expected = np.array([1 + np.sum(calibration >= s) for s in stat])  # p = k / (n + 1)

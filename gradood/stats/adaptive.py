@@ -183,8 +183,8 @@ class AdaptiveNight:
     def statistic(self, tails: np.ndarray) -> np.ndarray:
         """The night's combined statistic of rows with -log p~ ``tails`` (higher = more OOD)."""
         tails = np.asarray(tails, np.float64)
-        fixed = self.fixed_tail_.log_tail(self._fixed(tails))
-        return -(fixed + self.adaptive_tail_.log_tail(self.model_.decision_function(tails)))
+        fixed = self.fixed_tail_.smooth_log_p(self._fixed(tails))
+        return -(fixed + self.adaptive_tail_.smooth_log_p(self.model_.decision_function(tails)))
 
 
 def component_tail(tails: np.ndarray, columns: np.ndarray) -> np.ndarray:

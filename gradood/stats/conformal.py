@@ -77,7 +77,7 @@ class ConformalCalibrator:
     def p_value(self, scores: np.ndarray) -> np.ndarray:
         return self.p_index(scores) / (self.n + 1)
 
-    def log_tail(self, scores: np.ndarray) -> np.ndarray:
+    def smooth_log_p(self, scores: np.ndarray) -> np.ndarray:
         """A continuous, non-increasing stand-in for log p used *inside* a combination statistic.
 
         Between calibration values it interpolates the conformal log p linearly; beyond the largest it
@@ -100,9 +100,9 @@ class ConformalCalibrator:
             return EqualTailedCalibrator(np.asarray(d["scores"], dtype=np.float64))
         return cls(np.asarray(d["scores"], dtype=np.float64))
 
-    def side_log_tails(self, scores: np.ndarray) -> np.ndarray:
+    def side_smooth_log_p(self, scores: np.ndarray) -> np.ndarray:
         """``[N, sides]`` smooth log p of each side (one column here: high scores are OOD)."""
-        return self.log_tail(scores)[:, None]
+        return self.smooth_log_p(scores)[:, None]
 
     @property
     def min_p_value(self) -> float:
@@ -127,14 +127,14 @@ class EqualTailedCalibrator(ConformalCalibrator):
         one_sided = np.minimum(super().p_index(s), self._low.p_index(-s))
         return np.minimum(self.n + 1, 2 * one_sided)
 
-    def side_log_tails(self, scores: np.ndarray) -> np.ndarray:
+    def side_smooth_log_p(self, scores: np.ndarray) -> np.ndarray:
         """``[N, 2]``: the smooth log p of the high side and of the low side."""
         s = _finite_1d(scores, "scores")
-        return np.column_stack([super().log_tail(s), self._low.log_tail(-s)])
+        return np.column_stack([super().smooth_log_p(s), self._low.smooth_log_p(-s)])
 
-    def log_tail(self, scores: np.ndarray) -> np.ndarray:
+    def smooth_log_p(self, scores: np.ndarray) -> np.ndarray:
         """The smooth equal-tailed log p: min(0, log 2 + the smaller side's smooth log p)."""
-        return np.minimum(0.0, math.log(2.0) + self.side_log_tails(scores).min(axis=1))
+        return np.minimum(0.0, math.log(2.0) + self.side_smooth_log_p(scores).min(axis=1))
 
     def to_dict(self) -> dict[str, Any]:
         return {"scores": self.scores.tolist(), "sides": 2}
@@ -147,7 +147,7 @@ class EqualTailedCalibrator(ConformalCalibrator):
 class CombinedTest:
     """Components' smooth tail p-values merged into one statistic, calibrated on other rows.
 
-    Each component's conformal calibrator turns its statistic into :meth:`ConformalCalibrator.log_tail`;
+    Each component's conformal calibrator turns its statistic into :meth:`ConformalCalibrator.smooth_log_p`;
     ``combination`` (Fisher's or Tippett's method) merges them; the merged statistic is calibrated
     conformally on rows none of the components was calibrated on (calibration part 2), which keeps the
     combined p-value valid however the components depend on each other.
@@ -176,7 +176,7 @@ class CombinedTest:
         """The combined statistic (higher = more OOD) of rows given their components' statistics
         ``[N, components]``, and per row the index of the component with the smallest tail p."""
         statistics = np.asarray(statistics, np.float64).reshape(-1, len(self.components))
-        log_p = np.column_stack([c.log_tail(statistics[:, k]) for k, c in enumerate(self.components)])
+        log_p = np.column_stack([c.smooth_log_p(statistics[:, k]) for k, c in enumerate(self.components)])
         return combine_log_p(log_p, self.combination)
 
     def p_index(self, statistic: np.ndarray) -> np.ndarray:

@@ -197,7 +197,7 @@ class DetectorSuite(BaseEstimator):
 
     def _score_of(self, name: str, statistic: np.ndarray) -> np.ndarray:
         if self.tests_[name].two_sided:  # ordered like its equal-tailed p-value
-            return -self.calibrators_[name].log_tail(statistic)
+            return -self.calibrators_[name].smooth_log_p(statistic)
         return statistic
 
     def test_statistic(self, name: str, X: Any) -> np.ndarray:  # noqa: N803
@@ -214,7 +214,7 @@ class DetectorSuite(BaseEstimator):
         return self._tails({t: self._statistic(t, X) for t in self.tests_}, len(X))
 
     def _tails(self, statistics: dict[str, np.ndarray], n: int) -> np.ndarray:
-        columns = [self.calibrators_[t.value].side_log_tails(statistics[t.value]) for t in TestName]
+        columns = [self.calibrators_[t.value].side_smooth_log_p(statistics[t.value]) for t in TestName]
         return -np.hstack(columns).reshape(n, len(TAIL_ORDER))
 
     def _combined_test(self) -> CombinedTest:

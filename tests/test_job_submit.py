@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
+from tests.pipeline_fixtures import stop_shared_ray, tiny_glow_checkpoint, write_png_folder
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,7 @@ def _cmdline(proc: Path) -> str:
 @pytest.fixture
 def ray_head():
     """A real head node; token auth off on both sides (Ray 2.5x enables it for new local clusters)."""
+    stop_shared_ray()  # the suite's embedded Ray is not needed here, and its workers would compete
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -109,8 +110,13 @@ def test_ray_job_submit_runs_the_job(ray_head, tmp_path):
         "train.if_missing=false",
         "run.id=2026-11-23",
     ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent registers a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in log or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, log[-4000:]
     assert "scored 9 + rejected 1 = 10 inputs" in log
     summary = json.loads((out / "runs" / "2026-11-23" / "summary.json").read_text())

@@ -7,7 +7,7 @@ with --config (conf/train_quality.yaml: the paper-size run), overridable as dotl
 block, and split between the workers (no worker loads the whole set). On a multi-node cluster
 train.runs_uri (the Ray Train run) and model.checkpoint (the export) should be shared storage,
 e.g. s3://bucket/ray_train. Rerunning with the same train.name and train.runs_uri resumes from the
-last finished epoch. Prints the exported checkpoint location, its fingerprint and the final bits/dim.
+last finished epoch. Prints the exported checkpoint location, its fingerprint and the final training loss.
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ def main(argv: list[str]) -> int:
     result = train_model(cfg)
     print(f"checkpoint: {result.checkpoint_dir}")
     print(f"fingerprint: {result.fingerprint}")
+    from gradood.models.checkpoint import read_checkpoint_meta
+
+    loss = read_checkpoint_meta(result.checkpoint_dir)["training"]["loss"]
     for h in result.metrics["run"]["history"]:
-        print(f"epoch {h['epoch']}: train {h['train_bpd']:.4f} bits/dim, {h['rows_per_s']:.0f} rows/s")
-    print(f"epochs: {result.metrics['epoch']}, final train bits/dim: {result.metrics['train_bpd']:.4f}")
+        print(f"epoch {h['epoch']}: train {h['train_loss']:.4f} {loss}, {h['rows_per_s']:.0f} rows/s")
+    print(f"epochs: {result.metrics['epoch']}, final train loss: {result.metrics['train_loss']:.4f} {loss}")
     return 0
 
 

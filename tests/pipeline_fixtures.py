@@ -69,7 +69,7 @@ def reference_scores(
     def features(uri: str, limit: int | None):
         rows = load_all(open_source(uri, limit=limit), converter)
         x = torch.from_numpy(rows.images).float()
-        global_groups = np.asarray(rows.indices) // group_size
+        global_groups = np.asarray(rows.row_index) // group_size
         groups = torch.unique(torch.from_numpy(global_groups), return_inverse=True)[1]
         res = extract_features(
             model, x, draw_noise(model.noise_spec(), rows.ids, seed), groups, method="loop"

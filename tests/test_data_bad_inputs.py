@@ -214,7 +214,7 @@ def test_every_file_of_a_folder_is_accounted_for(folder_zoo):
     loaded = load_all(source, RGB8)
     decoded = [path for path in inputs if expected[path][0] == DECODED]
     assert loaded.ids == decoded
-    assert loaded.indices.tolist() == [inputs.index(path) for path in decoded]
+    assert loaded.row_index.tolist() == [inputs.index(path) for path in decoded]
     for path, image in zip(loaded.ids, loaded.images, strict=True):
         np.testing.assert_array_equal(image.transpose(1, 2, 0), expected[path][1], err_msg=path)
     assert [(path, index) for path, index, _ in loaded.errors] == [
@@ -410,8 +410,8 @@ class _Rows(CorpusSource):
     def total_rows(self) -> int:
         return len(self.payloads)
 
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        return (row_start, row_stop)
+    def _locate(self, first_row: int, end_row: int) -> tuple:
+        return (first_row, end_row)
 
     def read_shard(self, shard: Shard):
         for index in range(*shard.locator):
@@ -432,7 +432,7 @@ def test_decoded_payloads_are_held_to_the_pixel_limit():
 
 def _rows(source: CorpusSource, shard_size: int) -> list[tuple]:
     return [
-        (row.id, row.index, row.payload, row.error)
+        (row.id, row.row_index, row.payload, row.error)
         for shard in source.shards(shard_size)
         for row in source.read_shard(shard)
     ]

@@ -127,7 +127,7 @@ def test_torchvision_source_fashion_mnist():
     assert source.num_rows() == 10
     loaded = load_all(source, ImageConverter("L", (28, 28)))
     assert loaded.ids == [f"FashionMNIST:test:{i}" for i in range(9990, 10000)]
-    np.testing.assert_array_equal(loaded.indices, np.arange(9990, 10000))
+    np.testing.assert_array_equal(loaded.row_index, np.arange(9990, 10000))
     np.testing.assert_array_equal(loaded.images[:, 0], fm.load_fashion_mnist("test")[0][9990:])
     assert source.describe()["origin"].startswith("debian:")
 

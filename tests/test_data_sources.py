@@ -76,7 +76,7 @@ def test_folder_source(image_tree):
     assert loaded.ids == good
     np.testing.assert_array_equal(loaded.images[:, 0], np.stack([expected[p] for p in good]))
     order = list(expected)
-    np.testing.assert_array_equal(loaded.indices, [order.index(p) for p in good])
+    np.testing.assert_array_equal(loaded.row_index, [order.index(p) for p in good])
     reasons = {row_id: reason for row_id, _, reason in loaded.errors}
     assert reasons[str(root / "empty.jpg")] == "empty file"
     assert reasons[str(root / "a" / "corrupt.png")].startswith("cannot decode image")
@@ -140,25 +140,25 @@ def test_shards_alignment_and_ranges(tmp_path, align):
         assert source.num_rows() == stop - start
         for shard_size in (1, 4, 7, 12, 50):
             shards = source.shards(shard_size, align=align)
-            assert [s.index for s in shards] == list(range(len(shards)))
-            covered = [i for s in shards for i in range(s.row_start, s.row_start + s.num_rows)]
+            assert [s.number for s in shards] == list(range(len(shards)))
+            covered = [i for s in shards for i in range(s.first_row, s.first_row + s.num_rows)]
             assert covered == list(range(start, stop))
             for shard in shards:
                 assert 1 <= shard.num_rows <= max(shard_size, align)
             for shard in shards[:-1]:
-                assert (shard.row_start + shard.num_rows) % align == 0
+                assert (shard.first_row + shard.num_rows) % align == 0
                 if start % align == 0:
                     assert shard.num_rows % align == 0
             # groups as consumers form them (index // align) never straddle two shards
             group_shards = {}
             for shard in shards:
                 rows = list(source.read_shard(shard))
-                assert [r.index for r in rows] == list(
-                    range(shard.row_start, shard.row_start + shard.num_rows)
+                assert [r.row_index for r in rows] == list(
+                    range(shard.first_row, shard.first_row + shard.num_rows)
                 )
-                assert [r.id for r in rows] == paths[shard.row_start : shard.row_start + shard.num_rows]
+                assert [r.id for r in rows] == paths[shard.first_row : shard.first_row + shard.num_rows]
                 for r in rows:
-                    assert group_shards.setdefault(r.index // align, shard.index) == shard.index
+                    assert group_shards.setdefault(r.row_index // align, shard.number) == shard.number
     with pytest.raises(ValueError, match="past the end"):
         open_source(str(root), start=24).num_rows()
     with pytest.raises(ValueError, match="non-negative"):
@@ -215,7 +215,7 @@ def test_parquet_folder(tmp_path, hf_style):
 
     limited = load_all(open_source(str(first), start=1, limit=3), L28)
     assert limited.ids == [f"{first}#{i}" for i in (1, 2, 3)]
-    np.testing.assert_array_equal(limited.indices, [1, 2, 3])
+    np.testing.assert_array_equal(limited.row_index, [1, 2, 3])
 
 
 def test_parquet_column_selection(tmp_path):

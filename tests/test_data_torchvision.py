@@ -142,7 +142,7 @@ def test_dataset_by_uri(tmp_path, monkeypatch, name):
         loaded = load_all(source, L28)
         assert loaded.errors == []
         assert loaded.ids == [f"{name}:{split}:{i}" for i in range(start, stop)]
-        np.testing.assert_array_equal(loaded.indices, np.arange(start, stop))
+        np.testing.assert_array_equal(loaded.row_index, np.arange(start, stop))
         expected = np.stack([L28(image) for image in written[split][start:stop]])
         assert loaded.images.shape == (stop - start, 1, 28, 28)
         np.testing.assert_array_equal(loaded.images, expected)

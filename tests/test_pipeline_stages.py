@@ -49,7 +49,7 @@ def rows_with_gap(n: int = 11, missing: tuple[int, ...] = (4,)) -> LoadedRows:
     keep = [i for i in range(n) if i not in missing]
     return LoadedRows(
         ids=[f"row{i}" for i in keep],
-        indices=np.array(keep, np.int64),
+        row_index=np.array(keep, np.int64),
         images=rng.integers(0, 256, (len(keep), 1, 28, 28), dtype=np.uint8),
         errors=[(f"row{i}", i, "decode failed") for i in missing],
     )
@@ -61,12 +61,12 @@ def test_compute_features_groups_by_global_index(model, group_size, batch_size):
     feats = compute_features(
         model, rows, group_size=group_size, batch_size=batch_size, seed=7, method="engine"
     )
-    expected_groups = sorted({int(i) // group_size for i in rows.indices})
+    expected_groups = sorted({int(i) // group_size for i in rows.row_index})
     assert len(feats.ids) == len(expected_groups)
     for g, members, lp, sq in zip(
         expected_groups, feats.member_ids, feats.log_prob, feats.sqnorms, strict=True
     ):
-        idx = [k for k, i in enumerate(rows.indices) if i // group_size == g]
+        idx = [k for k, i in enumerate(rows.row_index) if i // group_size == g]
         assert members == [rows.ids[k] for k in idx]
         x = torch.from_numpy(rows.images[idx]).float()
         ref = extract_features(
@@ -132,7 +132,7 @@ def test_shard_writer_contract(model_dir, tmp_path):
         [row.id for row in source.read_shard(shard)] for shard in shards
     ]  # every row of every shard decoded or an error, in its shard
     summary = writer(decoded)
-    assert list(summary["shard"]) == [s.index for s in shards]
+    assert list(summary["shard"]) == [s.number for s in shards]
     assert sum(summary["rows_scored"]) + sum(summary["rows_rejected"]) == source.num_rows() == 25
 
     table = pq.read_table(out / "features")

@@ -113,7 +113,7 @@ def test_dataset_holds_the_decoded_rows_shuffled_by_the_seed(dataset):
     by_id = dict(zip(rows.ids, rows.images, strict=True))
     for batch in batches:
         assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (1, 28, 28)
-        for rid, index, image in zip(batch.ids, batch.index.tolist(), batch.images, strict=True):
+        for rid, index, image in zip(batch.ids, batch.row_index.tolist(), batch.images, strict=True):
             assert rid == f"FashionMNIST:train:{index}"
             torch.testing.assert_close(image, by_id[rid], rtol=0, atol=0)
     # the same epoch again gives the same batches; the next epoch another order of the same rows
@@ -280,7 +280,7 @@ def test_train_model_two_workers_end_to_end(two_worker_run):
     assert training["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
 
     untrained, rows = fresh(cfg)
-    init_from_data(untrained, TrainBatch(rows.ids[:64], rows.index[:64], rows.images[:64]), cfg)
+    init_from_data(untrained, TrainBatch(rows.ids[:64], rows.row_index[:64], rows.images[:64]), cfg)
     probe = row_noise(untrained, rows.ids, cfg.seed, "probe")
     assert float64_bpd(model, rows.images, probe) < float64_bpd(untrained, rows.images, probe) - 0.05
 
@@ -322,7 +322,7 @@ def test_ray_train_workers_get_disjoint_shares_each_row_once_per_epoch(local_ray
         seen = []
         for epoch in (1, 2):
             batches = list(epoch_batches(shard, 8, config["seed"], epoch, rank))
-            seen.append([[int(i) for i in b.index] for b in batches])
+            seen.append([[int(i) for i in b.row_index] for b in batches])
         gathered = [None, None]
         dist.all_gather_object(gathered, seen)
         return gathered

@@ -24,24 +24,24 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class RawRow:
-    """One undecoded row; ``index`` is its position in the source's full deterministic order."""
+    """One undecoded row; ``row_index`` is its position in the source's full deterministic order."""
 
     id: str
-    index: int
+    row_index: int
     payload: bytes | np.ndarray | Image.Image | None
     error: str | None = None
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows ``[row_start, row_start + num_rows)`` (numbered like :attr:`RawRow.index`).
+    """Rows ``[first_row, first_row + num_rows)`` (numbered like :attr:`RawRow.row_index`).
 
     ``locator`` is whatever the source needs to read them without re-listing (file paths, Parquet
     pieces, an index range); it stays small so shards travel cheaply to workers.
     """
 
-    index: int
-    row_start: int
+    number: int
+    first_row: int
     num_rows: int
     locator: tuple
 
@@ -88,16 +88,16 @@ class CorpusSource(ABC):
         """Rows in the whole source, before start/limit."""
 
     @abstractmethod
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        """The :attr:`Shard.locator` of rows ``[row_start, row_stop)`` of the full order."""
+    def _locate(self, first_row: int, end_row: int) -> tuple:
+        """The :attr:`Shard.locator` of rows ``[first_row, end_row)`` of the full order."""
 
     @abstractmethod
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         """Exactly ``shard.num_rows`` rows, in order; unreadable ones carry ``error`` instead of raising."""
 
-    def read_row(self, index: int) -> RawRow:
-        """Row ``index`` of the full order (as :attr:`RawRow.index` counts), read on its own."""
-        return next(iter(self.read_shard(Shard(-1, index, 1, self._locate(index, index + 1)))))
+    def read_row(self, row_index: int) -> RawRow:
+        """Row ``row_index`` of the full order (as :attr:`RawRow.row_index` counts), read on its own."""
+        return next(iter(self.read_shard(Shard(-1, row_index, 1, self._locate(row_index, row_index + 1)))))
 
     def num_rows(self) -> int:
         total = self.total_rows()
@@ -109,8 +109,8 @@ class CorpusSource(ABC):
     def shards(self, shard_size: int, align: int = 1) -> list[Shard]:
         """Consecutive shards of at most ``shard_size`` rows whose boundaries are multiples of ``align``.
 
-        Boundaries count in the full order (like :attr:`RawRow.index`), so the groups consumers form as
-        ``index // align`` never straddle two shards. With ``start`` a multiple of ``align`` (the usual
+        Boundaries count in the full order (like :attr:`RawRow.row_index`), so the groups consumers form as
+        ``row_index // align`` never straddle two shards. With ``start`` a multiple of ``align`` (the usual
         case) every shard but the last holds a multiple of ``align`` rows; otherwise the first shard
         ends at the first boundary. ``shard_size`` is rounded down to a multiple of ``align``.
         """
@@ -119,13 +119,13 @@ class CorpusSource(ABC):
         size = max(align, shard_size // align * align)
         stop = self.start + self.num_rows()
         shards: list[Shard] = []
-        row_start = self.start
-        while row_start < stop:
-            row_stop = min(stop, (row_start + size) // align * align)
+        first_row = self.start
+        while first_row < stop:
+            end_row = min(stop, (first_row + size) // align * align)
             shards.append(
-                Shard(len(shards), row_start, row_stop - row_start, self._locate(row_start, row_stop))
+                Shard(len(shards), first_row, end_row - first_row, self._locate(first_row, end_row))
             )
-            row_start = row_stop
+            first_row = end_row
         return shards
 
     def skipped(self) -> dict[str, int]:

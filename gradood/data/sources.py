@@ -165,15 +165,15 @@ class FolderSource(_FileSource):
     def total_rows(self) -> int:
         return len(self._listing())
 
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        return tuple(self._listing()[row_start:row_stop])
+    def _locate(self, first_row: int, end_row: int) -> tuple:
+        return tuple(self._listing()[first_row:end_row])
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
-        return self._read_files(((path, self._id_of(path)) for path in shard.locator), shard.row_start)
+        return self._read_files(((path, self._id_of(path)) for path in shard.locator), shard.first_row)
 
-    def _read_files(self, files: Iterable[tuple[str, str]], row_start: int) -> Iterator[RawRow]:
-        """One row per (path, id), numbered from ``row_start``."""
-        for index, (path, row_id) in enumerate(files, start=row_start):
+    def _read_files(self, files: Iterable[tuple[str, str]], first_row: int) -> Iterator[RawRow]:
+        """One row per (path, id), numbered from ``first_row``."""
+        for row_index, (path, row_id) in enumerate(files, start=first_row):
             try:
                 with self._fs.open_input_file(path) as handle:
                     # checked before reading, so an oversized file is never loaded
@@ -181,7 +181,7 @@ class FolderSource(_FileSource):
                     payload = None if error else handle.read()
             except OSError as err:
                 payload, error = None, f"cannot read file: {err}"
-            yield RawRow(row_id, index, payload, error)
+            yield RawRow(row_id, row_index, payload, error)
 
 
 class ParquetSource(_FileSource):
@@ -246,15 +246,15 @@ class ParquetSource(_FileSource):
     def total_rows(self) -> int:
         return int(self._file_offsets()[-1])
 
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        """(path, first row, stop row, footer error or None) per file in ``[row_start, row_stop)``."""
+    def _locate(self, first_row: int, end_row: int) -> tuple:
+        """(path, first row, stop row, footer error or None) per file in ``[first_row, end_row)``."""
         offsets = self._file_offsets()
         paths, footers = self._listing(), self._footers()
-        first = int(np.searchsorted(offsets, row_start, side="right")) - 1
+        first = int(np.searchsorted(offsets, first_row, side="right")) - 1
         pieces = []
         for f in range(max(first, 0), len(paths)):
-            lo, hi = max(row_start, int(offsets[f])), min(row_stop, int(offsets[f + 1]))
-            if int(offsets[f]) >= row_stop:
+            lo, hi = max(first_row, int(offsets[f])), min(end_row, int(offsets[f + 1]))
+            if int(offsets[f]) >= end_row:
                 break
             if lo < hi:
                 pieces.append((paths[f], lo - int(offsets[f]), hi - int(offsets[f]), footers[f].error))
@@ -274,24 +274,24 @@ class ParquetSource(_FileSource):
         return self._oversize(len(payload), "row")
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
-        index = shard.row_start
+        row_index = shard.first_row
         for path, lo, hi, footer_error in shard.locator:
             file_uri = self._id_of(path)
             if footer_error is not None:
-                yield RawRow(file_uri, index, None, footer_error)
-                index += 1
+                yield RawRow(file_uri, row_index, None, footer_error)
+                row_index += 1
                 continue
             row = lo
             reason = "file has fewer rows than when it was listed"
             try:
                 for payload, error in read_payloads(self._fs, path, self.image_column, lo, hi):
-                    yield RawRow(f"{file_uri}#{row}", index, payload, error or self._row_error(payload))
-                    row, index = row + 1, index + 1
+                    yield RawRow(f"{file_uri}#{row}", row_index, payload, error or self._row_error(payload))
+                    row, row_index = row + 1, row_index + 1
             except (OSError, pa.ArrowException) as err:
                 reason = f"cannot read Parquet rows: {err}"
             for missing in range(row, hi):
-                yield RawRow(f"{file_uri}#{missing}", index, None, reason)
-                index += 1
+                yield RawRow(f"{file_uri}#{missing}", row_index, None, reason)
+                row_index += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def _parse_bool(value: str, key: str) -> bool:
 
 
 class TorchvisionSource(CorpusSource):
-    """``torchvision://Name?split=train|test&root=DIR&download=false``; id = f"{Name}:{split}:{index}".
+    """``torchvision://Name?split=train|test&root=DIR&download=false``; id = f"{Name}:{split}:{row_index}".
 
     FashionMNIST goes through :func:`load_fashion_mnist` (Debian files first); other datasets are
     constructed from ``torchvision.datasets`` with ``train=`` or ``split=``, whichever they take, or
@@ -375,22 +375,22 @@ class TorchvisionSource(CorpusSource):
     def total_rows(self) -> int:
         return len(self._dataset())
 
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        return (row_start, row_stop)
+    def _locate(self, first_row: int, end_row: int) -> tuple:
+        return (first_row, end_row)
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         dataset = self._dataset()
-        for index in range(*shard.locator):
-            row_id = f"{self.name}:{self.split}:{index}"
+        for row_index in range(*shard.locator):
+            row_id = f"{self.name}:{self.split}:{row_index}"
             if isinstance(dataset, np.ndarray):
-                yield RawRow(row_id, index, dataset[index])
+                yield RawRow(row_id, row_index, dataset[row_index])
                 continue
             try:
-                image = dataset[index][0]
+                image = dataset[row_index][0]
             except (OSError, ValueError) as err:
-                yield RawRow(row_id, index, None, f"cannot read dataset item: {err}")
+                yield RawRow(row_id, row_index, None, f"cannot read dataset item: {err}")
                 continue
-            yield RawRow(row_id, index, image if isinstance(image, Image.Image) else np.asarray(image))
+            yield RawRow(row_id, row_index, image if isinstance(image, Image.Image) else np.asarray(image))
 
     def describe(self) -> dict:
         origin = (
@@ -436,10 +436,10 @@ def open_source(
 
 @dataclass
 class LoadedRows:
-    """Decoded rows (``images`` uint8 ``[N, C, H, W]``) and the rows that failed, as (id, index, reason)."""
+    """Decoded rows (``images`` uint8 ``[N, C, H, W]``) and the failed rows as (id, row_index, reason)."""
 
     ids: list[str]
-    indices: np.ndarray
+    row_index: np.ndarray
     images: np.ndarray
     errors: list[tuple[str, int, str]]
 
@@ -461,34 +461,34 @@ def _convert(payload: Any, converter: ImageConverter, max_pixels: int | None) ->
 def _collect(
     rows: Iterable[RawRow], converter: ImageConverter, expected: int, where: str, max_pixels: int | None
 ) -> LoadedRows:
-    ids, indices, images, errors = [], [], [], []
+    ids, row_index, images, errors = [], [], [], []
     for row in rows:
         if row.error is not None:
-            errors.append((row.id, row.index, row.error))
+            errors.append((row.id, row.row_index, row.error))
             continue
         try:
             images.append(_convert(row.payload, converter, max_pixels))
         except ImageDecodeError as err:
-            errors.append((row.id, row.index, str(err)))
+            errors.append((row.id, row.row_index, str(err)))
             continue
         ids.append(row.id)
-        indices.append(row.index)
+        row_index.append(row.row_index)
     if len(ids) + len(errors) != expected:
         raise RuntimeError(f"{where}: got {len(ids)} rows + {len(errors)} errors, expected {expected} rows")
     stacked = np.stack(images) if images else np.empty((0, *converter.shape), dtype=np.uint8)
-    return LoadedRows(ids, np.asarray(indices, dtype=np.int64), stacked, errors)
+    return LoadedRows(ids, np.asarray(row_index, dtype=np.int64), stacked, errors)
 
 
 def load_rows(source: CorpusSource, shard: Shard, converter: ImageConverter) -> LoadedRows:
     """Decode and convert one shard; every row ends up in ``ids`` or in ``errors``."""
-    where = f"{source.uri} shard {shard.index}"
+    where = f"{source.uri} shard {shard.number}"
     return _collect(source.read_shard(shard), converter, shard.num_rows, where, source.max_pixels)
 
 
-def load_row(source: CorpusSource, index: int, converter: ImageConverter) -> LoadedRows:
-    """Decode and convert row ``index`` of the full order on its own (in ``ids`` or in ``errors``)."""
+def load_row(source: CorpusSource, row_index: int, converter: ImageConverter) -> LoadedRows:
+    """Decode and convert row ``row_index`` of the full order on its own (in ``ids`` or in ``errors``)."""
     return _collect(
-        iter([source.read_row(index)]), converter, 1, f"{source.uri} row {index}", source.max_pixels
+        iter([source.read_row(row_index)]), converter, 1, f"{source.uri} row {row_index}", source.max_pixels
     )
 
 

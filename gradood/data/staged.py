@@ -92,14 +92,14 @@ class StagedFolderSource(FolderSource):
     def total_rows(self) -> int:
         return int(self._offsets[-1])
 
-    def _locate(self, row_start: int, row_stop: int) -> tuple:
-        """(part index, first row, end row) within each part rows ``[row_start, row_stop)`` fall in."""
+    def _locate(self, first_row: int, end_row: int) -> tuple:
+        """(part index, first row, end row) within each part rows ``[first_row, end_row)`` fall in."""
         pieces = []
-        k = int(np.searchsorted(self._offsets, row_start, side="right") - 1)
-        while row_start < row_stop:
-            end = min(row_stop, int(self._offsets[k + 1]))
-            pieces.append((k, row_start - int(self._offsets[k]), end - int(self._offsets[k])))
-            row_start, k = end, k + 1
+        k = int(np.searchsorted(self._offsets, first_row, side="right") - 1)
+        while first_row < end_row:
+            end = min(end_row, int(self._offsets[k + 1]))
+            pieces.append((k, first_row - int(self._offsets[k]), end - int(self._offsets[k])))
+            first_row, k = end, k + 1
         return tuple(pieces)
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
@@ -107,7 +107,7 @@ class StagedFolderSource(FolderSource):
         files = chain.from_iterable(
             zip(t.column("path").to_pylist(), t.column("uri").to_pylist(), strict=True) for t in tables
         )
-        return self._read_files(files, shard.row_start)
+        return self._read_files(files, shard.first_row)
 
     def skipped(self) -> dict[str, int]:
         return dict(self._skipped)

@@ -27,7 +27,7 @@ def _batches(
     model: DensityModel, rows: LoadedRows, group_size: int, seed: int
 ) -> Iterator[tuple[list[str], torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
     """(feature-row ids, x, noise, local groups) over runs of whole groups, grouped as the pipeline does."""
-    global_group = np.asarray(rows.indices, np.int64) // group_size
+    global_group = np.asarray(rows.row_index, np.int64) // group_size
     starts = np.flatnonzero(np.r_[True, global_group[1:] != global_group[:-1]])
     ends = np.r_[starts[1:], len(global_group)]
     per_batch = max(1, BATCH_ROWS // group_size)

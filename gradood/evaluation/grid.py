@@ -80,13 +80,13 @@ def export_as_pngs(uri: str, folder: Path, limit: int) -> None:
     for shard in source.shards(max(1, source.num_rows())):
         for row in source.read_shard(shard):
             if row.error is not None:
-                raise ValueError(f"{uri}: row {row.index} cannot be read: {row.error}")
+                raise ValueError(f"{uri}: row {row.row_index} cannot be read: {row.error}")
             image = (
                 row.payload
                 if isinstance(row.payload, Image.Image)
                 else Image.fromarray(np.asarray(row.payload))
             )
-            image.save(folder / f"{row.index:06d}.png")
+            image.save(folder / f"{row.row_index:06d}.png")
     marker.write_text(json.dumps(params))
 
 

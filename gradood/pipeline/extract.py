@@ -142,7 +142,7 @@ def _plan(shards: list[Shard], source: CorpusSource, settings: ExtractSettings, 
     locators = digest.hexdigest()
     return {
         "source": source.describe(),
-        "shards": [[s.row_start, s.num_rows] for s in shards],
+        "shards": [[s.first_row, s.num_rows] for s in shards],
         "locators_sha256": locators,
         "model_fingerprint": fingerprint,
         **{

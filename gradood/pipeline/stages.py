@@ -78,7 +78,7 @@ def compute_features(
             f"need 1 <= group_size <= batch_size, got group_size={group_size}, batch_size={batch_size}"
         )
     n = len(rows.ids)
-    groups = np.asarray(rows.indices, np.int64) // group_size
+    groups = np.asarray(rows.row_index, np.int64) // group_size
     # boundaries of consecutive runs of equal group index
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if n else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], n].astype(np.int64) if n else np.zeros(0, np.int64)
@@ -107,10 +107,10 @@ def compute_features(
         layer_names = feature_layer_names(model)
     return ShardFeatures(
         ids=[rows.ids[s] if group_size == 1 else group_id(int(groups[s])) for s in starts],
-        row_index=np.asarray(rows.indices, np.int64)[starts] if n else np.zeros(0, np.int64),
+        row_index=np.asarray(rows.row_index, np.int64)[starts] if n else np.zeros(0, np.int64),
         n_rows=(ends - starts).astype(np.int32),
         member_ids=[list(rows.ids[s:e]) for s, e in zip(starts, ends, strict=True)],
-        member_index=[np.asarray(rows.indices[s:e], np.int64) for s, e in zip(starts, ends, strict=True)],
+        member_index=[np.asarray(rows.row_index[s:e], np.int64) for s, e in zip(starts, ends, strict=True)],
         log_prob=np.concatenate(out_log_prob) if out_log_prob else np.zeros(0),
         sqnorms=np.concatenate(out_sqnorms) if out_sqnorms else np.zeros((0, len(layer_names))),
         layer_names=list(layer_names),
@@ -195,7 +195,7 @@ def shard_summary(
         x = feature_matrix(table, table_metadata(table)["layers"], settings.min_sqnorm)
         moments = Moments.from_values(x[table.column(SPLIT_COLUMN).to_numpy() == 0]).to_dict()
     return {
-        "shard": shard.index,
+        "shard": shard.number,
         "rows_in": shard.num_rows,
         "rows_scored": int(pc.sum(table.column("n_rows")).as_py() or 0),
         "rows_rejected": rejected,
@@ -213,13 +213,13 @@ def completed_shard(
     ``expected`` is the metadata the shard's feature file must carry (model fingerprint, seed, group
     size, method, source, image conversion); its row range and the counts must match as well.
     """
-    name = shard_file(shard.index)
+    name = shard_file(shard.number)
     features_file = storage.join(settings.features_uri, name)
     if not storage.exists(features_file):
         return None
     table = storage.read_parquet(features_file)
     meta = table_metadata(table)
-    if meta.get("rows") != [shard.row_start, shard.num_rows] or meta.get("shard") != shard.index:
+    if meta.get("rows") != [shard.first_row, shard.num_rows] or meta.get("shard") != shard.number:
         return None
     if any(meta.get(k) != v for k, v in expected.items()):
         return None
@@ -294,11 +294,11 @@ class ShardFeatureWriter:
             feats.log_prob,
             feats.sqnorms,
             feats.layer_names,
-            {**self.file_metadata(), "shard": shard.index, "rows": [shard.row_start, shard.num_rows]},
+            {**self.file_metadata(), "shard": shard.number, "rows": [shard.first_row, shard.num_rows]},
             member_ids=feats.member_ids if s.group_size > 1 else None,
             split=split,
         )
-        name = shard_file(shard.index)
+        name = shard_file(shard.number)
         errors_file = storage.join(s.errors_uri, name)
         # errors first, features last: a feature file marks its shard complete (resume relies on it)
         if errors:

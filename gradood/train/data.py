@@ -4,7 +4,7 @@ Data flow: the driver opens ``train.uri`` (any corpus source: a folder of images
 torchvision://) and cuts its row order into shards of about :data:`BLOCK_BYTES` of decoded pixels.
 :func:`train_dataset` turns the shard descriptors into a Ray Dataset whose read tasks decode one shard
 each (undecodable rows are dropped, as the whole-set loader skipped them) into rows
-``{"id", "index", "image"}``, ``image`` uint8 ``[C, H, W]`` at the model's size. The trainer gets it as
+``{"id", "row_index", "image"}``, ``image`` uint8 ``[C, H, W]`` at the model's size. The trainer gets it as
 ``datasets={"train": ...}``; every epoch, each worker iterates its share,
 ``ray.train.get_dataset_shard("train")``, in batches (:func:`epoch_batches`). No process holds the
 whole training set: memory is bounded by the blocks in flight, and the object store spills to disk
@@ -103,7 +103,7 @@ def init_batch(source: CorpusSource, converter: ImageConverter, limit: int) -> T
     rows = concat_rows(loaded)
     return TrainBatch(
         ids=[str(i) for i in rows["id"][:limit]],
-        index=torch.from_numpy(rows["index"][:limit]),
+        row_index=torch.from_numpy(rows["row_index"][:limit]),
         images=torch.from_numpy(rows["image"][:limit]),
     )
 
@@ -146,7 +146,7 @@ class ToTrainBatch(NumpyBatchCollateFn):
     def __call__(self, batch: dict[str, np.ndarray]) -> TrainBatch:
         return TrainBatch(
             ids=[str(i) for i in batch["id"]],
-            index=torch.from_numpy(np.array(batch["index"], dtype=np.int64)),
+            row_index=torch.from_numpy(np.array(batch["row_index"], dtype=np.int64)),
             images=torch.from_numpy(np.array(batch["image"], dtype=np.uint8)),
         )
 

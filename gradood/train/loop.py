@@ -31,10 +31,10 @@ PROGRESS_EVERY_S = 30.0
 @dataclass
 class TrainBatch:
     """Decoded training rows: ``images`` uint8 ``[N, C, H, W]`` (cast to float on the device), their ids
-    (which the noise is drawn from) and ``index``, their positions in the source's row order."""
+    (which the noise is drawn from) and ``row_index``, their positions in the source's row order."""
 
     ids: list[str]
-    index: torch.Tensor
+    row_index: torch.Tensor
     images: torch.Tensor
 
     def __len__(self) -> int:

@@ -16,16 +16,16 @@ def decode_training_rows(
     batch: dict[str, np.ndarray], source: CorpusSource, converter: ImageConverter
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: a batch of pickled shard descriptors (:func:`shard_items`) -> their decodable rows,
-    ``id`` (str), ``index`` (position in the source's row order) and ``image`` (uint8 ``[C, H, W]``);
+    ``id`` (str), ``row_index`` (position in the source's row order) and ``image`` (uint8 ``[C, H, W]``);
     undecodable rows drop out."""
     return concat_rows([load_rows(source, pickle.loads(item), converter) for item in batch["shard"]])
 
 
 def concat_rows(loaded: list[LoadedRows]) -> dict[str, np.ndarray]:
-    """The decoded rows of several shards as one batch of ``id``, ``index`` and ``image``."""
+    """The decoded rows of several shards as one batch of ``id``, ``row_index`` and ``image``."""
     return {
         "id": np.asarray([i for rows in loaded for i in rows.ids], dtype=str),
-        "index": np.concatenate([rows.indices for rows in loaded]).astype(np.int64),
+        "row_index": np.concatenate([rows.row_index for rows in loaded]).astype(np.int64),
         "image": np.concatenate([rows.images for rows in loaded]),
     }
 

@@ -48,7 +48,7 @@ def score_night(
     scores, one column each), and the ID rows' adaptive p-value rates."""
     columns = [tail_columns(c) for c in suite.components]
     cal = suite.calibration_tails_
-    night = suite.night(tails, 1.0, seed)
+    night = suite.adapt_to_night(tails, 1.0, seed)
     classifier, _, _ = adaptive_p_values(cal.part_1, cal.part_2, tails, random_state=seed)
     statistic = night.statistic(tails)
     p_value = night.calibrator_.p_value(statistic)

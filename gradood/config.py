@@ -105,13 +105,13 @@ class FitConfig:
 
 
 #: which test's score and p-value rank and flag the corpus: the combination or one single test
-DetectorName = StrEnum("DetectorName", {"combined": "combined", **{t.name: t.value for t in TestName}})
+FlagTest = StrEnum("FlagTest", {"combined": "combined", **{t.name: t.value for t in TestName}})
 
 
 @dataclass
 class DetectConfig:
     #: the test behind ood_score, p_value, rank and flags (every test's score and p-value is kept)
-    detector: DetectorName = DetectorName.combined
+    test: FlagTest = FlagTest.combined
     #: the single tests the combined test combines
     components: list[TestName] = field(
         default_factory=lambda: [TestName.paper, TestName.fullcov, TestName.typicality]
@@ -209,7 +209,7 @@ class RunConfig:
     incremental: bool = False
     #: thumbnails of the most OOD rows in report.html
     report_top_k: int = 24
-    #: seconds an extraction stage may go without finishing a shard before the night fails, naming the
+    #: seconds an extraction stage may go without finishing a shard before the run fails, naming the
     #: stage (a rerun resumes from the finished shards); null or 0: wait forever
     stall_timeout_s: float | None = 1800.0
 

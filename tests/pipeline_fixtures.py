@@ -94,7 +94,7 @@ def reference_scores(
     )
     ids, x, _, sizes = features(corpus_uri, None)
     # the night's adaptive test, trained on every complete row (a small night: the rate is 1)
-    night = suite.night(suite.tails(x[sizes == group_size]), 1.0, seed)
+    night = suite.adapt_to_night(suite.tails(x[sizes == group_size]), 1.0, seed)
     results = suite.score_all(x, night)
     out = {}
     for k, row_id in enumerate(ids):

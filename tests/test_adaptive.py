@@ -117,11 +117,11 @@ def test_an_adaptive_suite_needs_its_night_and_round_trips():
     assert "combined" not in single and "driver" not in single
     paper = DetectorSuite(combination="fisher").fit(x).score_all(x)["paper"]
     np.testing.assert_array_equal(single["paper"]["p_index"], paper["p_index"])
-    night = suite.night(suite.tails(x.to_numpy()[:50]), 1.0, seed=0)
+    night = suite.adapt_to_night(suite.tails(x.to_numpy()[:50]), 1.0, seed=0)
     with pytest.raises(ValueError, match="fisher"):
         DetectorSuite().fit(x).score_all(x, night)
     loaded = DetectorSuite.from_dict(json.loads(json.dumps(suite.to_dict())))
-    again = loaded.night(loaded.tails(x.to_numpy()[:50]), 1.0, seed=0)
+    again = loaded.adapt_to_night(loaded.tails(x.to_numpy()[:50]), 1.0, seed=0)
     a, b = suite.score_all(x, night), loaded.score_all(x, again)
     np.testing.assert_array_equal(a["combined"]["p_index"], b["combined"]["p_index"])
     np.testing.assert_array_equal(a["driver"], b["driver"])

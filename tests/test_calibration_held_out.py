@@ -64,7 +64,7 @@ def test_held_out_in_distribution_p_values_are_calibrated(local_ray, tmp_path):
     features = storage.read_parquet(storage.join(summary["output"], "features")).sort_by("row_index")
     tails = suite.tails(feature_matrix(features, detector["layers"], cfg.fit.min_sqnorm))
     rate = training_rate(3000, 5000 + suite.n_calibration_[1])
-    night = suite.night(tails[training_mask(0, features.column("id").to_pylist(), rate)], rate, 0)
+    night = suite.adapt_to_night(tails[training_mask(0, features.column("id").to_pylist(), rate)], rate, 0)
     assert summary["adaptive_training_rows"] == night.training_rows_
     assert abs(night.training_rows_["night"] - rate * 5000) < 0.1 * rate * 5000
     assert np.unique(night.model_.decision_function(tails)).size > 10  # it did learn a function

@@ -27,7 +27,7 @@ def test_yaml_and_cli_merge():
         ("extract.batchsize=3", "unknown key extract.batchsize; did you mean extract.batch_size "),
         ("extract.batch_size=many", "extract.batch_size: Value 'many' of type 'str' could not be converted"),
         ("fit.refit=maybe", "fit.refit: Value 'maybe' is not a valid bool"),
-        ("detect.detector=best", "detect.detector: Invalid value 'best', expected one of [combined, "),
+        ("detect.test=best", "detect.test: Invalid value 'best', expected one of [combined, "),
         ("detect.combination=mean", "detect.combination: Invalid value 'mean', expected one of [fisher,"),
         ("detect.components=[paper,magic]", "detect.components[1]: Invalid value 'magic'"),
         ("flag.method=holm", "flag.method: Invalid value 'holm', expected one of [bh, storey, by]"),

@@ -37,13 +37,13 @@ def test_a_changed_grid_changes_the_auroc_and_mean_tables(tmp_path: Path) -> Non
     shutil.copytree(GRID_DIR, grid)
     metrics = pd.read_parquet(grid / "metrics.parquet")
     row = (metrics["family"] == "vae") & (metrics["group_size"] == 1) & (metrics["source"] == "glyphs")
-    metrics.loc[row & (metrics["detector"] == "combined"), "auroc"] = 0.25
+    metrics.loc[row & (metrics["test"] == "combined"), "auroc"] = 0.25
     metrics.to_parquet(grid / "metrics.parquet")
     after = fill(DOCUMENT.read_text(), grid, BENCH_DIR)
     glyphs = next(line for line in after.splitlines() if line.startswith("|  | glyphs |") and "0.250" in line)
     assert glyphs.split(" | ")[2] == "0.250"  # no longer bold: not the best B=1 column
     far = metrics[metrics["far_ood"] & (metrics["group_size"] == 1) & (metrics["family"] == "vae")]
-    mean = far[far["detector"] == "combined"]["auroc"].mean()
+    mean = far[far["test"] == "combined"]["auroc"].mean()
     means = next(m.group("body") for m in MARKER.finditer(after) if m.group("name") == "grid-far-means")
     vae_means = next(line for line in means.splitlines() if line.startswith("| vae | "))
     assert vae_means.split(" | ")[1] == f"{mean:.3f}"  # 0.25 on glyphs takes the default off the top
@@ -61,9 +61,9 @@ def test_auroc_table_by_hand() -> None:
         (5, "paper", 0.7),
         (5, "typicality", 0.8),
     ]
-    for group_size, detector, auroc in cells:
+    for group_size, test, auroc in cells:
         rows.append({"family": "vae", "group_size": group_size, "source": "digits", "far_ood": True,
-                     "detector": detector, "auroc": auroc})  # fmt: skip
+                     "test": test, "auroc": auroc})  # fmt: skip
     table = docs_tables.grid_auroc(pd.DataFrame(rows)).splitlines()
     expected = "| vae | digits | 0.900 | **0.950** | **0.950** | 0.500 | 0.600 | 1.000 | 0.700 | 0.800 |"
     assert table[2] == expected

@@ -39,17 +39,17 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     summary = run_evaluation(cfg, runs, "test")
 
     metrics = pq.read_table(out / "metrics.parquet").to_pandas()
-    detectors = {"combined", "paper", "fullcov", "fisher_layers", "gradnorm", "typicality", "nll"}
-    detectors |= {"combined_fisher", "combined_tippett", "combined_all", "bergamin"}
-    assert set(metrics["detector"]) == detectors
+    tests = {"combined", "paper", "fullcov", "fisher_layers", "gradnorm", "typicality", "nll"}
+    tests |= {"combined_fisher", "combined_tippett", "combined_all", "bergamin"}
+    assert set(metrics["test"]) == tests
     assert set(metrics["source"]) == {"digits", "fashion_mnist_vflip", "glyphs", "mnist"}
-    assert len(metrics) == 2 * 4 * len(detectors)  # group sizes x sources x detectors
+    assert len(metrics) == 2 * 4 * len(tests)  # group sizes x sources x tests
     assert dict(zip(metrics["source"], metrics["far_ood"], strict=True))["fashion_mnist_vflip"] == False  # noqa: E712
 
     # every metric row is recomputable from the scores table; flags are BH over ID + that source
     scores = pq.read_table(out / "scores.parquet").to_pandas()
-    for (group_size, detector), sub in scores.groupby(["group_size", "detector"]):
-        rows = metrics[(metrics["group_size"] == group_size) & (metrics["detector"] == detector)]
+    for (group_size, test), sub in scores.groupby(["group_size", "test"]):
+        rows = metrics[(metrics["group_size"] == group_size) & (metrics["test"] == test)]
         id_rows = sub[~sub["is_ood"]]
         assert len(id_rows) == 200 // group_size
         for r in rows.to_dict("records"):
@@ -67,14 +67,14 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     # the calibration table is the share of held-out ID rows with p <= alpha
     calibration = pq.read_table(out / "calibration.parquet").to_pandas()
     for r in calibration.to_dict("records"):
-        sub = scores[(scores["group_size"] == r["group_size"]) & (scores["detector"] == r["detector"])]
+        sub = scores[(scores["group_size"] == r["group_size"]) & (scores["test"] == r["test"])]
         assert r["rate"] == pytest.approx(np.mean(sub.loc[~sub["is_ood"], "p_value"] <= r["alpha"]))
 
     # realistic nights (B=1): every far-OOD source at every OOD share, the default and the fixed Fisher
     # combination, BH and Storey; each night has round(share * 200) OOD rows
     nights = pq.read_table(out / "nights.parquet").to_pandas()
     assert set(nights["source"]) == {"digits", "glyphs", "mnist"}
-    assert set(nights["detector"]) == {"combined", "combined_fisher"} and set(nights["method"]) == {
+    assert set(nights["test"]) == {"combined", "combined_fisher"} and set(nights["method"]) == {
         "bh",
         "storey",
     }
@@ -96,10 +96,10 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
         [sys.executable, str(script), "--grid", str(out), "--out", str(study)], check=True, timeout=300
     )
     combinations = {(r["rule"], tuple(r["tests"])): r for r in json.loads(study.read_text())["combinations"]}
-    b1 = metrics[metrics["group_size"] == 1].set_index(["detector", "source"])["auroc"]
-    for detector, rule in (("combined_fisher", "fisher"), ("combined_tippett", "tippett")):
+    b1 = metrics[metrics["group_size"] == 1].set_index(["test", "source"])["auroc"]
+    for test, rule in (("combined_fisher", "fisher"), ("combined_tippett", "tippett")):
         found = combinations[(rule, ("paper", "fullcov", "typicality"))]["auroc"]["glow"]
-        assert found == pytest.approx({s: b1[(detector, s)] for s in found}, abs=1e-12)
+        assert found == pytest.approx({s: b1[(test, s)] for s in found}, abs=1e-12)
 
     # the adaptive-combination study recomputes the job's adaptive test in-process (the grid's night is
     # below detect.adaptive_rows, so every row trained it) and the fixed one
@@ -112,8 +112,8 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     )
     adaptive = json.loads(study.read_text())
     (grid_night,) = adaptive["nights"]["glow"]["grid"]
-    for rule, detector in (("fixed", "combined_fisher"), ("adaptive", "combined")):
-        assert grid_night[rule] == pytest.approx({s: b1[(detector, s)] for s in grid_night[rule]}, abs=1e-12)
+    for rule, test in (("fixed", "combined_fisher"), ("adaptive", "combined")):
+        assert grid_night[rule] == pytest.approx({s: b1[(test, s)] for s in grid_night[rule]}, abs=1e-12)
     assert set(adaptive["nights"]["glow"]) == {"grid", "grid_without", "one_source", "k=5"}
     left_out = adaptive["nights"]["glow"]["grid_without"]
     assert sorted(n["without"] for n in left_out) == sorted(grid_night["adaptive"])

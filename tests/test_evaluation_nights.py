@@ -72,8 +72,8 @@ def _pool(rng: np.random.Generator) -> NightPool:
 def test_night_metrics_count_flags_power_and_fdp_as_bh_on_the_nights_rows():
     pool = _pool(np.random.default_rng(2))
     out = list(night_metrics(pool, ["ood"], "id", 200, 2, 0.1))
-    assert {r["detector"] for r in out} == {"combined", "combined_fisher"}
-    assert len(out) == len(PREVALENCES) * 2 * 2 * 2  # prevalences x draws x detectors x methods
+    assert {r["test"] for r in out} == {"combined", "combined_fisher"}
+    assert len(out) == len(PREVALENCES) * 2 * 2 * 2  # prevalences x draws x tests x methods
     held_tails, _ = pool.held_out("id")
     n_cal = len(pool.suite.calibration_tails_.part_2)
     assert len(held_tails) == n_cal + 400
@@ -85,7 +85,7 @@ def test_night_metrics_count_flags_power_and_fdp_as_bh_on_the_nights_rows():
     for prevalence in PREVALENCES:
         row = next(
             r for r in out
-            if r["detector"] == "combined_fisher" and r["method"] == "bh" and r["draw"] == 1
+            if r["test"] == "combined_fisher" and r["method"] == "bh" and r["draw"] == 1
             and r["prevalence"] == prevalence
         )  # fmt: skip
         night_id, cal, ood = draw_night(
@@ -106,7 +106,7 @@ def test_night_metrics_count_flags_power_and_fdp_as_bh_on_the_nights_rows():
         expected_fdp = flags[~is_ood].sum() / flags.sum() if flags.any() else 0.0
         assert row["fdp"] == pytest.approx(expected_fdp)
     # the OOD rows are far out: the default catches most of them once the night has a few
-    combined = [r for r in out if r["detector"] == "combined" and r["prevalence"] == 0.1]
+    combined = [r for r in out if r["test"] == "combined" and r["prevalence"] == 0.1]
     assert np.mean([r["power"] for r in combined]) > 0.5
     summary = summarise_nights(pd.DataFrame([{"family": "synthetic", **r} for r in out]))
     assert set(summary["draws"]) == {2}

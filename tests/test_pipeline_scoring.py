@@ -64,7 +64,7 @@ def test_flags_by_driving_test_reconcile_with_the_scores(local_ray, tmp_path, co
 
     # the morning report lists them, most first
     summary = {
-        "run_id": "night", "corpus": "/lake", "detector": "combined", "inputs": 380, "scored": 380,
+        "run_id": "night", "corpus": "/lake", "test": "combined", "inputs": 380, "scored": 380,
         "rejected": 0, "skipped": 0, "group_size": 1, "feature_rows": 380, "fdr": 0.05, "fdr_method": "bh",
         "flagged": result.flagged, "flagged_by_driver": result.flagged_by_driver, "incomplete_sets": 0,
         "resumed_shards": 0, "drift": result.drift,

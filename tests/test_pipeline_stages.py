@@ -192,7 +192,7 @@ def test_shard_writer_contract(model_dir, tmp_path):
         merged, x[split == 1], x[split == 2], suite_feature_names(layers)
     )
     adaptive_detector = {**detector, "suite": adaptive.to_dict()}
-    cfg = load_config(ScoreCorpusConfig, overrides=["detect.detector=typicality"])
+    cfg = load_config(ScoreCorpusConfig, overrides=["detect.test=typicality"])
     assert fit_night([str(out / "missing.parquet")], adaptive_detector, cfg) is None
     np.testing.assert_array_equal(Scorer(adaptive_detector, "typicality")(cols)["p_value"], single["p_value"])
 

@@ -24,15 +24,15 @@ from gradood.report import (
 FAMILIES = ["vae", "glow"]
 GROUP_SIZES = [4, 1]  # out of order on purpose: the report lists group sizes ascending
 SOURCES = [("mnist", True), ("svhn_gray", True), ("fmnist_blur", False)]  # not alphabetical
-DETECTORS = ["gradnorm", "typicality", "loglik"]
+TESTS = ["gradnorm", "typicality", "loglik"]
 DEFAULT = "typicality"  # appears second: the report must move it first
-DETECTOR_ORDER = [DEFAULT, "gradnorm", "loglik"]
+TEST_ORDER = [DEFAULT, "gradnorm", "loglik"]
 
 
-def _metric_row(rng, family, g, source, far, detector):
+def _metric_row(rng, family, g, source, far, test):
     n_flagged = int(rng.integers(0, 30))
     return {
-        "family": family, "group_size": g, "source": source, "far_ood": far, "detector": detector,
+        "family": family, "group_size": g, "source": source, "far_ood": far, "test": test,
         "auroc": rng.uniform(0.5, 1.0), "aupr_in": rng.uniform(), "aupr_out": rng.uniform(),
         "fpr_at_95_tpr": rng.uniform(), "n_id": 60, "n_ood": 40,
         "flag_fdr": rng.uniform(0, 0.2) if n_flagged else math.nan,  # NaN: nothing flagged
@@ -40,16 +40,16 @@ def _metric_row(rng, family, g, source, far, detector):
     }  # fmt: skip
 
 
-def _tables(detectors=DETECTORS, seed=0):
+def _tables(tests=TESTS, seed=0):
     rng = np.random.default_rng(seed)
     metrics, scores = [], []
     parts = [("fashion_mnist", False, 0.0, 60)] + [(s, True, 1.0 + k, 40) for k, (s, _) in enumerate(SOURCES)]
     for family in FAMILIES:
         for g in GROUP_SIZES:
-            metrics += [_metric_row(rng, family, g, s, far, d) for s, far in SOURCES for d in detectors]
-            for d in detectors:
+            metrics += [_metric_row(rng, family, g, s, far, d) for s, far in SOURCES for d in tests]
+            for d in tests:
                 for source, is_ood, shift, n in parts:
-                    key = dict(family=family, group_size=g, detector=d, source=source, is_ood=is_ood)
+                    key = dict(family=family, group_size=g, test=d, source=source, is_ood=is_ood)
                     scores += [
                         {**key, "ood_score": x, "p_value": rng.uniform()} for x in rng.normal(shift, 1, n)
                     ]
@@ -59,16 +59,16 @@ def _tables(detectors=DETECTORS, seed=0):
     return pa.Table.from_pylist(metrics), pa.Table.from_pylist(scores)
 
 
-def _lookup(metrics, family, g, source, detector):
-    (row,) = [m for m in metrics.to_pylist() if (m["family"], m["group_size"], m["source"], m["detector"])
-              == (family, g, source, detector)]  # fmt: skip
+def _lookup(metrics, family, g, source, test):
+    (row,) = [m for m in metrics.to_pylist() if (m["family"], m["group_size"], m["source"], m["test"])
+              == (family, g, source, test)]  # fmt: skip
     return row
 
 
 def _write(tmp_path, metrics, scores, notes=("first note", "second note")):
     return write_evaluation_report(
         metrics, scores, str(tmp_path), title="Eval <grid>", command="python -m gradood.eval --grid",
-        default_detector=DEFAULT, fdr_target=0.1, notes=notes,
+        default_test=DEFAULT, fdr_target=0.1, notes=notes,
     )  # fmt: skip
 
 
@@ -157,7 +157,7 @@ def test_evaluation_report_files_and_self_contained(tmp_path):
         png = base64.b64decode(src.split(",", 1)[1])
         assert png == Path(path).read_bytes()
         assert Image.open(io.BytesIO(png)).size[0] > 300
-    for name in FAMILIES + [s for s, _ in SOURCES] + DETECTORS + ["first note", "second note"]:
+    for name in FAMILIES + [s for s, _ in SOURCES] + TESTS + ["first note", "second note"]:
         assert name in page
     assert "Eval &lt;grid&gt;" in page and "python -m gradood.eval --grid" in page
     md = Path(out["markdown"]).read_text()
@@ -177,12 +177,12 @@ def test_evaluation_report_auroc_tables_match_metrics(tmp_path):
                 "source",
                 "near/far",
                 f"{DEFAULT} (default)",
-                *DETECTOR_ORDER[1:],
+                *TEST_ORDER[1:],
             ]
             assert [r[0][0] for r in auroc_table["rows"]] == [s for s, _ in SOURCES]
             for (source, far), row in zip(SOURCES, auroc_table["rows"], strict=True):
                 assert row[1] == ("far" if far else "near", False)
-                values = [_lookup(metrics, f, g, source, d)["auroc"] for d in DETECTOR_ORDER]
+                values = [_lookup(metrics, f, g, source, d)["auroc"] for d in TEST_ORDER]
                 assert [text for text, _ in row[2:]] == [f"{v:.3f}" for v in values]
                 assert [bold for _, bold in row[2:]] == [v == max(values) for v in values]
     tied = next(t for t in sections["vae, group size 1"] if t["caption"].startswith("AUROC"))["rows"][0]
@@ -200,9 +200,7 @@ def test_evaluation_report_summary_and_flags(tmp_path):
         far_only = label.startswith("far")
         assert label == ("far-OOD (2)" if far_only else "all OOD (3)")
         sources = [s for s, far in SOURCES if far or not far_only]
-        means = [
-            np.mean([_lookup(metrics, f, int(g), s, d)["auroc"] for s in sources]) for d in DETECTOR_ORDER
-        ]
+        means = [np.mean([_lookup(metrics, f, int(g), s, d)["auroc"] for s in sources]) for d in TEST_ORDER]
         assert [c[0] for c in row[3:]] == [f"{v:.3f}" for v in means]
         assert [c[1] for c in row[3:]] == [v == max(means) for v in means]
     (flags,) = [t for t in sections["glow, group size 4"] if t["caption"].startswith("Benjamini")]
@@ -227,7 +225,7 @@ def test_evaluation_markdown_holds_the_html_tables(tmp_path):
 
 
 def test_evaluation_report_escapes_names(tmp_path):
-    metrics, scores = _tables(detectors=["gradnorm", DEFAULT, "a<b&c"])
+    metrics, scores = _tables(tests=["gradnorm", DEFAULT, "a<b&c"])
     out = _write(tmp_path, metrics, scores)
     page = Path(out["html"]).read_text()
     assert "a&lt;b&amp;c" in page and "a<b&c" not in page
@@ -252,9 +250,9 @@ def test_evaluation_report_missing_column(tmp_path, table, column):
     assert not (tmp_path / "report.html").exists()
 
 
-def test_evaluation_report_unknown_default_detector(tmp_path):
-    metrics, scores = _tables(detectors=["gradnorm", "loglik"])
-    with pytest.raises(ValueError, match="default detector 'typicality'"):
+def test_evaluation_report_unknown_default_test(tmp_path):
+    metrics, scores = _tables(tests=["gradnorm", "loglik"])
+    with pytest.raises(ValueError, match="default test 'typicality'"):
         _write(tmp_path, metrics, scores)
 
 

@@ -27,6 +27,7 @@ RENAMED_KEYS = {
     "train.use_gpu": "train.gpus_per_worker",
     "train.storage_path": "train.runs_uri",
     "extract.num_gpus_per_worker": "extract.gpus_per_worker",
+    "detect.detector": "detect.test",
 }
 
 

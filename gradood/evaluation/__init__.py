@@ -1,1 +1,1 @@
-"""The evaluation grid: every model family x group size x OOD source x detector, on public sources."""
+"""The evaluation grid: every model family x group size x OOD source x test, on public sources."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradood.evaluation.grid import DEFAULT_DETECTOR
+from gradood.evaluation.grid import DEFAULT_TEST
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = ROOT / "docs" / "results.md"
@@ -31,7 +31,7 @@ BENCH_DIR = ROOT / "benchmarks" / "results"
 GRID_FILES = ("metrics", "nights_summary", "calibration")
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 MODEL_NAMES = {"glow": "Glow", "ddpm": "DDPM", "vae": "VAE", "pixelcnn": "PixelCNN"}
-AUROC_COLUMNS = {  # detector -> column title, B=1 then B=5
+AUROC_COLUMNS = {  # test -> column title, B=1 then B=5
     "combined": "combined (default, adaptive)",
     "combined_fisher": "Fisher, fixed",
     "paper": "paper",
@@ -39,7 +39,7 @@ AUROC_COLUMNS = {  # detector -> column title, B=1 then B=5
     "fullcov": "fullcov",
 }
 B5_COLUMNS = {"combined": "B=5 combined", "paper": "B=5 paper", "typicality": "B=5 typicality"}
-DETECTOR_TITLES = {
+TEST_TITLES = {
     "combined": "combined (default, adaptive)",
     "combined_fisher": "combined, fixed Fisher",
     "combined_tippett": "combined, Tippett",
@@ -68,7 +68,7 @@ def _source_label(source: str, far: bool) -> str:
 
 def grid_auroc(metrics: pd.DataFrame) -> str:
     """AUROC per family and OOD source; far-OOD sources first, the best B=1 column in bold."""
-    auroc = metrics.set_index(["family", "group_size", "source", "detector"])["auroc"]
+    auroc = metrics.set_index(["family", "group_size", "source", "test"])["auroc"]
     sources = metrics.drop_duplicates("source").sort_values("far_ood", ascending=False, kind="stable")
     header = ["family", "OOD source", *AUROC_COLUMNS.values(), *B5_COLUMNS.values()]
     rows = []
@@ -82,23 +82,23 @@ def grid_auroc(metrics: pd.DataFrame) -> str:
 
 
 def grid_far_means(metrics: pd.DataFrame) -> str:
-    """Mean B=1 AUROC over the far-OOD sources, every detector, the best per family in bold."""
+    """Mean B=1 AUROC over the far-OOD sources, every test, the best per family in bold."""
     far = metrics[metrics["far_ood"] & (metrics["group_size"] == 1)]
-    means = far.pivot_table(index="family", columns="detector", values="auroc", aggfunc="mean", sort=False)
-    detectors = [DEFAULT_DETECTOR] + [d for d in means.columns if d != DEFAULT_DETECTOR]
-    singles = sorted(d for d in detectors if d not in DETECTOR_TITLES)
-    order = [DEFAULT_DETECTOR, *singles, *(d for d in DETECTOR_TITLES if d in detectors[1:])]
-    header = ["family", *(DETECTOR_TITLES.get(d, d) for d in order)]
+    means = far.pivot_table(index="family", columns="test", values="auroc", aggfunc="mean", sort=False)
+    tests = [DEFAULT_TEST] + [d for d in means.columns if d != DEFAULT_TEST]
+    singles = sorted(d for d in tests if d not in TEST_TITLES)
+    order = [DEFAULT_TEST, *singles, *(d for d in TEST_TITLES if d in tests[1:])]
+    header = ["family", *(TEST_TITLES.get(d, d) for d in order)]
     rows = [[family, *bold_best([means.loc[family, d] for d in order])] for family in means.index]
     return markdown(header, rows)
 
 
 def _default_bh(nights: pd.DataFrame) -> pd.DataFrame:
-    return nights[(nights["detector"] == DEFAULT_DETECTOR) & (nights["method"] == "bh")]
+    return nights[(nights["test"] == DEFAULT_TEST) & (nights["method"] == "bh")]
 
 
 def nights_power(nights: pd.DataFrame) -> str:
-    """The default detector's mean BH power by OOD share, and its TPR at FPR 0.1 % / 1 % at 5 %."""
+    """The default test's mean BH power by OOD share, and its TPR at FPR 0.1 % / 1 % at 5 %."""
     default = _default_bh(nights)
     prevalences = sorted(default["prevalence"].unique())
     header = ["family", "OOD source", *(f"{100 * p:g} %" for p in prevalences),
@@ -115,15 +115,15 @@ def nights_power(nights: pd.DataFrame) -> str:
 
 
 def nights_fdp(nights: pd.DataFrame) -> str:
-    """Mean false-discovery proportion over the far-OOD sources, per family, detector and method."""
+    """Mean false-discovery proportion over the far-OOD sources, per family, test and method."""
     kinds = {("combined", "bh"): "default, BH", ("combined", "storey"): "default, Storey",
              ("combined_fisher", "bh"): "fixed Fisher, BH"}  # fmt: skip
     prevalences = sorted(nights["prevalence"].unique())
     header = ["family", "method", *(f"{100 * p:g} %" for p in prevalences)]
     rows = []
     for family, per_family in nights.groupby("family", sort=False):
-        for (detector, method), title in kinds.items():
-            chosen = per_family[(per_family["detector"] == detector) & (per_family["method"] == method)]
+        for (test, method), title in kinds.items():
+            chosen = per_family[(per_family["test"] == test) & (per_family["method"] == method)]
             if chosen.empty:
                 continue
             fdp = chosen.groupby("prevalence")["mean_fdp"].mean()
@@ -132,15 +132,15 @@ def nights_fdp(nights: pd.DataFrame) -> str:
 
 
 def calibration(table: pd.DataFrame) -> str:
-    """Share of held-out ID rows with p <= alpha at B=1: the range over detectors x families, and the
+    """Share of held-out ID rows with p <= alpha at B=1: the range over tests x families, and the
     default's range over families."""
     b1 = table[table["group_size"] == 1]
     rows = []
     for alpha, group in b1.groupby("alpha"):
-        default = group[group["detector"] == DEFAULT_DETECTOR]["rate"]
+        default = group[group["test"] == DEFAULT_TEST]["rate"]
         rows.append([f"{alpha:g}", f"{group['rate'].min():.3f}–{group['rate'].max():.3f}",
                      f"{default.min():.3f}–{default.max():.3f}", str(int(group["n_id"].max()))])  # fmt: skip
-    header = ["α", "every detector × family", "default detector", "held-out ID rows"]
+    header = ["α", "every test × family", "default test", "held-out ID rows"]
     return markdown(header, rows)
 
 

@@ -1,8 +1,8 @@
-"""The evaluation grid: family x group size x OOD source x detector -> metrics, flags, calibration, report.
+"""The evaluation grid: family x group size x OOD source x test -> metrics, flags, calibration, report.
 
 Each (family, group size) is one ordinary score-corpus run (Ray extraction, reducer, calibrated suite,
 Ray scoring) over one evaluation corpus of public sources; the run's scores carry every single test and
-the default combined test. Detector variants that are not the job's (other combinations, Bergamin et al.)
+the default combined test. Test variants that are not the job's (other combinations, Bergamin et al.)
 are fitted in-process on the same run's fit-set features, with the same fit / calibration split.
 """
 
@@ -39,12 +39,12 @@ from gradood.stats import (
     split_of,
 )
 
-DEFAULT_DETECTOR = "combined"
+DEFAULT_TEST = "combined"
 
 
 @dataclass
 class Scored:
-    """One detector's scores (higher = more OOD) and conformal p-value indices k (p = k / (n_cal + 1))."""
+    """One test's scores (higher = more OOD) and conformal p-value indices k (p = k / (n_cal + 1))."""
 
     score: np.ndarray
     p_index: np.ndarray
@@ -125,10 +125,10 @@ def _suite_variant(
     ).fit_parts(Moments.from_values(fit_x[part == 0]), fit_x[part == 1], fit_x[part == 2], names)
 
 
-def detector_scores(
+def run_test_scores(
     run_cfg: ScoreCorpusConfig, run_uri: str, bergamin: bool
 ) -> tuple[pd.DataFrame, dict[str, Scored], NightPool]:
-    """The run's feature rows (id, source), every detector's scores over them, and the rows as a pool
+    """The run's feature rows (id, source), every test's scores over them, and the rows as a pool
     to draw realistic nights from."""
     out = run_cfg.output.uri
     detector = storage.read_json(storage.join(out, "detector.json"))
@@ -142,7 +142,7 @@ def detector_scores(
     part = fit_table.column(SPLIT_COLUMN).to_numpy()
     suite = DetectorSuite.from_dict(detector["suite"])
     found: dict[str, Scored] = {
-        DEFAULT_DETECTOR: Scored(
+        DEFAULT_TEST: Scored(
             scores.column("ood_score").to_numpy(),
             np.rint(scores.column("p_value").to_numpy() * (suite.calibration_size("combined") + 1)).astype(
                 int
@@ -246,14 +246,14 @@ def grid_rows(
     fdr: float,
     alphas: list[float],
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """Metric rows (per source and detector), score rows (for ROC curves) and calibration rows."""
+    """Metric rows (per source and test), score rows (for ROC curves) and calibration rows."""
     source = rows["source"].to_numpy()
     is_id = source == DEMO_ID_SOURCE
     metrics, score_rows, validity = [], [], []
     for name, s in found.items():
         for alpha in alphas:
             validity.append(
-                {"family": family, "group_size": group_size, "detector": name, "alpha": alpha,
+                {"family": family, "group_size": group_size, "test": name, "alpha": alpha,
                  "rate": float(np.mean(s.p_value[is_id] <= alpha)), "n_id": int(is_id.sum())}
             )  # fmt: skip
         keep = source != "mixed"
@@ -262,7 +262,7 @@ def grid_rows(
                 {
                     "family": family,
                     "group_size": group_size,
-                    "detector": name,
+                    "test": name,
                     "source": source[keep],
                     "is_ood": ~is_id[keep],
                     "ood_score": s.score[keep],
@@ -280,7 +280,7 @@ def grid_rows(
             n_false = int(flagged[~is_ood[mix]].sum())
             metrics.append(
                 {"family": family, "group_size": group_size, "source": ood, "far_ood": far[ood],
-                 "detector": name, "auroc": m["auroc"], "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"],
+                 "test": name, "auroc": m["auroc"], "aupr_in": m["aupr_in"], "aupr_out": m["aupr_out"],
                  "fpr_at_95_tpr": m["fpr_at_95_tpr"], "n_id": m["n_id"], "n_ood": m["n_ood"],
                  "flag_fdr": n_false / flagged.sum() if flagged.any() else float("nan"),
                  "flag_power": float(flagged[is_ood[mix]].mean()), "n_flagged": int(flagged.sum())}

@@ -1,6 +1,6 @@
 """Realistic nights: mostly in-distribution, a share pi of one OOD source, as a lake's night is.
 
-The grid's own night is mostly OOD, which says how well a detector ranks but not what its flags do when a
+The grid's own night is mostly OOD, which says how well a test ranks but not what its flags do when a
 new kind of image is 0.5-10 % of a night. Here each night is ``night_rows`` rows: ``round(pi * night_rows)``
 of one far-OOD source and the rest in-distribution rows the models never saw, drawn again for every
 draw. The conformal guarantee is about a calibration set and a night that are exchangeable, so each draw
@@ -9,7 +9,7 @@ subsets of one held-out pool (part 2 of the fit set and the grid's held-out Fash
 part 2 against a fixed pool would measure one split only: the same few atypical in-distribution images
 would count as false discoveries in every night.
 
-Two detectors, both calibrated on part 2: the default (the adaptive combination, refitted on each night,
+Two tests, both calibrated on part 2: the default (the adaptive combination, refitted on each night,
 as the job does) and the fixed Fisher combination of its components. Per night: how many rows BH (and
 Storey's adaptive BH) flag at the target, the share of the OOD rows flagged (power), the share of flags
 that are in-distribution (the false-discovery proportion, FDP; the FDR is its mean), and the TPR at a
@@ -97,7 +97,7 @@ def night_rng(seed: int, source: str, prevalence: float, draw: int) -> np.random
     return np.random.default_rng([seed, zlib.crc32(source.encode()), round(prevalence * 1e6), draw])
 
 
-def night_detectors(
+def night_tests(
     pool: NightPool, night_tails: np.ndarray, night_ids: list[str], cal_tails: np.ndarray, cal_ids: list[str]
 ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """(scores, p-value indices, n_cal) of the night's rows for the adaptive default, refitted on this
@@ -126,7 +126,7 @@ def night_detectors(
 def night_metrics(
     pool: NightPool, far_sources: list[str], id_source: str, size: int, draws: int, fdr: float
 ) -> Iterator[dict]:
-    """One row per (source, prevalence, draw, detector, flag method)."""
+    """One row per (source, prevalence, draw, test, flag method)."""
     held_tails, held_ids = pool.held_out(id_source)
     n_calibration = len(pool.suite.calibration_tails_.part_2)
     for source in far_sources:
@@ -138,9 +138,9 @@ def night_metrics(
                 night_tails = np.vstack([held_tails[night_id], pool.tails[ood]])
                 night_ids = [held_ids[i] for i in night_id] + [pool.ids[i] for i in ood]
                 is_ood = np.r_[np.zeros(len(night_id), bool), np.ones(len(ood), bool)]
-                detectors = night_detectors(pool, night_tails, night_ids, held_tails[cal],
+                tests = night_tests(pool, night_tails, night_ids, held_tails[cal],
                                             [held_ids[i] for i in cal])  # fmt: skip
-                for name, (score, p_index, n_cal) in detectors.items():
+                for name, (score, p_index, n_cal) in tests.items():
                     tpr = {
                         f"tpr_at_fpr_{fpr:g}": tpr_at_fpr(score[~is_ood], score[is_ood], fpr)
                         for fpr in TPR_FPRS
@@ -149,7 +149,7 @@ def night_metrics(
                         flags = fdr_flags(q_values_from_index(p_index, n_cal, method), fdr)
                         n_flagged = int(flags.sum())
                         yield {
-                            "source": source, "prevalence": prevalence, "draw": draw, "detector": name,
+                            "source": source, "prevalence": prevalence, "draw": draw, "test": name,
                             "method": method.value, "n_rows": len(is_ood), "n_ood": int(is_ood.sum()),
                             "n_calibration": n_cal, "flagged": n_flagged,
                             "power": float(flags[is_ood].mean()),
@@ -159,8 +159,8 @@ def night_metrics(
 
 
 def summarise_nights(nights: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread over draws per (family, source, prevalence, detector, method)."""
-    keys = ["family", "source", "prevalence", "detector", "method"]
+    """Mean and spread over draws per (family, source, prevalence, test, method)."""
+    keys = ["family", "source", "prevalence", "test", "method"]
     metrics = ["power", "fdp", "flagged", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01"]
     grouped = nights.groupby(keys, sort=False)[metrics]
     out = grouped.mean().add_prefix("mean_").join(grouped.std(ddof=1).add_prefix("std_"))

@@ -17,11 +17,11 @@ from gradood.core.progress import progress
 from gradood.core.ray_runtime import init_ray
 from gradood.data.demo import DEMO_ID_SOURCE
 from gradood.evaluation.grid import (
-    DEFAULT_DETECTOR,
+    DEFAULT_TEST,
     build_corpus,
-    detector_scores,
     grid_rows,
     run_configs,
+    run_test_scores,
 )
 from gradood.evaluation.nights import NightPool, night_metrics, summarise_nights
 from gradood.pipeline.ray_job import run_score_corpus
@@ -43,7 +43,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)  # the Ray workers are idle while the driver scores
-        rows, found, pool = detector_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
+        rows, found, pool = run_test_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
         m, s, v = grid_rows(family, group_size, rows, found, far, cfg.evaluate.fdr, list(cfg.evaluate.alphas))
         if group_size == 1:
             progress(f"evaluate: {family}, realistic nights")
@@ -72,9 +72,9 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         )
         storage.write_text(storage.join(out, "nights.md"), nights_markdown(night_summary, cfg.evaluate.fdr))
     notes = [
-        "Default model family by the grid (mean B=1 AUROC of the default detector over all OOD sources): "
+        "Default model family by the grid (mean B=1 AUROC of the default test over all OOD sources): "
         + ", ".join(f"{f} {v:.3f}" for f, v in ranking.items()),
-        "Calibration: share of held-out in-distribution rows with p <= alpha, per detector (table "
+        "Calibration: share of held-out in-distribution rows with p <= alpha, per test (table "
         "'calibration.parquet'; a valid p-value keeps it at or below alpha up to sampling error).",
     ]
     paths = write_evaluation_report(
@@ -83,7 +83,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         out,
         title="gradood evaluation grid",
         command=command,
-        default_detector=DEFAULT_DETECTOR,
+        default_test=DEFAULT_TEST,
         fdr_target=cfg.evaluate.fdr,
         notes=notes,
         calibration=tables["calibration"],
@@ -93,9 +93,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
     progress(f"evaluation report: {paths['html']} (markdown {paths['markdown']})")
     print_headline(frame)
     if nights:
-        progress(
-            "realistic nights, default detector, BH:\n" + nights_markdown(night_summary, cfg.evaluate.fdr)
-        )
+        progress("realistic nights, default test, BH:\n" + nights_markdown(night_summary, cfg.evaluate.fdr))
     return summary
 
 
@@ -113,9 +111,9 @@ def realistic_nights(
 
 
 def nights_markdown(summary: pd.DataFrame, fdr: float) -> str:
-    """Per family, far-OOD source and OOD share: the default detector's BH power and FDP (mean ± std over
+    """Per family, far-OOD source and OOD share: the default test's BH power and FDP (mean ± std over
     draws), TPR at FPR 0.1 % / 1 %, and Storey's power and FDP."""
-    default = summary[summary["detector"] == DEFAULT_DETECTOR]
+    default = summary[summary["test"] == DEFAULT_TEST]
     lines = [
         "| family | source | OOD share | BH power | BH FDP | Storey power | Storey FDP "
         "| TPR@FPR 0.1 % | TPR@FPR 1 % |",
@@ -136,15 +134,13 @@ def nights_markdown(summary: pd.DataFrame, fdr: float) -> str:
 
 
 def family_ranking(metrics: pd.DataFrame) -> dict[str, float]:
-    b1 = metrics[(metrics["group_size"] == 1) & (metrics["detector"] == DEFAULT_DETECTOR)]
+    b1 = metrics[(metrics["group_size"] == 1) & (metrics["test"] == DEFAULT_TEST)]
     means = b1.groupby("family", sort=False)["auroc"].mean().sort_values(ascending=False)
     return {str(k): float(v) for k, v in means.items()}
 
 
 def print_headline(metrics: pd.DataFrame) -> None:
-    """Per family and group size: mean AUROC over far-OOD sources of each detector."""
+    """Per family and group size: mean AUROC over far-OOD sources of each test."""
     far = metrics[metrics["far_ood"]]
-    table = far.pivot_table(
-        index=["family", "group_size"], columns="detector", values="auroc", aggfunc=np.mean
-    )
+    table = far.pivot_table(index=["family", "group_size"], columns="test", values="auroc", aggfunc=np.mean)
     progress("mean AUROC over far-OOD sources:\n" + table.to_string(float_format=lambda v: f"{v:.3f}"))

@@ -104,7 +104,7 @@ class CpuPlan:
 
 def plan_cpus(ex: ExtractConfig, shards: int, what: str) -> CpuPlan:
     """Model workers that leave the decode (or read) tasks a CPU: with every CPU held by a worker, nothing
-    would decode the shards the workers wait for, and the night would hang. A cluster too small for one
+    would decode the shards the workers wait for, and the run would hang. A cluster too small for one
     worker and one task at their configured sizes runs one worker beside the tasks on shares of its CPUs
     (the two take turns on the cores; Ray's CPU counts are reservations, not pinning)."""
     cpus = float(ray.cluster_resources().get("CPU", 0.0))

@@ -187,6 +187,6 @@ def load_or_fit_detector(
         return detector
     storage.write_json(uri, fit_detector(cfg, out, weights, model_meta, layer_names))
     progress(f"detector written to {uri}")
-    # the night that fits uses the detector as later nights will read it (the same key order, so the
+    # the run that fits uses the detector as later runs will read it (the same key order, so the
     # same columns in the same order, and the same numbers), wherever it is stored
     return storage.read_json(uri)

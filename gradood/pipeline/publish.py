@@ -8,10 +8,10 @@ Layout under ``output.uri``::
     manifest/run_id=<id>/   the inputs a run scored (uri, size, mtime), read by incremental runs once
                             the run is published; written by the listing tasks, before extraction
                             (``run_id=<id>.parquet``, one file, as earlier versions wrote it, is read too)
-    detector.json, fit/     the detector, shared by every night (reused while its settings match)
+    detector.json, fit/     the detector, shared by every run (reused while its settings match)
 
 A run first unpublishes its own id (removes ``_SUCCESS`` and its ``runs.json`` entry), so a reader or
-the next night never takes a rerun in progress for a complete one; it publishes only after every output,
+the next run never takes a rerun in progress for a complete one; it publishes only after every output,
 the manifest included, is written. Object stores write each object atomically, so the marker order holds
 there too.
 """

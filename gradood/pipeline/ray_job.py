@@ -148,7 +148,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "source": source.uri,
         "run_id": run_id,
-        "detector": cfg.detect.detector.value,
+        "test": cfg.detect.test.value,
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
         "gradood_version": gradood.__version__,
@@ -171,7 +171,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "incomplete_sets": scores.feature_rows - scores.complete_sets,
         "resumed_shards": corpus.resumed_shards,
         "group_size": ex.group_size,
-        "detector": cfg.detect.detector.value,
+        "test": cfg.detect.test.value,
         "combination": cfg.detect.combination.value,
         "adaptive_training_rows": scores.adaptive_training_rows,
         "flagged": scores.flagged,
@@ -194,7 +194,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     if scores.feature_rows != corpus.feature_rows:
         raise RuntimeError(f"scored {scores.feature_rows} of {corpus.feature_rows} feature rows")
     if cfg.corpus.uri == "demo":
-        summary["demo"] = demo_report(storage.read_parquet(scores.uri), cfg.detect.detector.value)
+        summary["demo"] = demo_report(storage.read_parquet(scores.uri), cfg.detect.test.value)
     storage.write_json(storage.join(run_uri, "summary.json"), summary)
     converter = ImageConverter.for_model(model, **dataclasses.asdict(cfg.image))
     write_run_report(run_uri, summary, scores, source, converter, cfg.run.report_top_k)

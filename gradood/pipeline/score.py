@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from gradood.config import DetectorName, ScoreCorpusConfig
+from gradood.config import FlagTest, ScoreCorpusConfig
 from gradood.core import storage
 from gradood.pipeline.extract import plan_cpus
 from gradood.pipeline.ranking import (
@@ -62,7 +62,7 @@ def calibration_size(detector: dict[str, Any], test: str) -> int:
 
 def flag_floor(detector: dict[str, Any], cfg: ScoreCorpusConfig, night_rows: int) -> dict[str, Any]:
     """The smallest OOD share of a night at which its flags can fire (the p-values' resolution)."""
-    test = cfg.detect.detector.value
+    test = cfg.detect.test.value
     n = calibration_size(detector, test)
     sides = 1 if test == "combined" else int(detector["suite"]["calibration"][test].get("sides", 1))
     min_p = min(1.0, sides / (n + 1))
@@ -120,7 +120,7 @@ def score_run(
 ) -> RunScores:
     """Score, rank (1 = most OOD; ties by row order) and flag every feature row; scores files in rank
     order under ``scores_uri``, each written by the worker holding its block."""
-    test = cfg.detect.detector.value
+    test = cfg.detect.test.value
     n_calibration = calibration_size(detector, test)
     storage.delete_dir_contents(scores_uri)
     files = storage.list_files(features_uri)
@@ -180,7 +180,7 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
     reach the driver."""
     suite = DetectorSuite.from_dict(detector["suite"])
     adaptive = Combination(suite.combination) is Combination.adaptive
-    if not adaptive or cfg.detect.detector is not DetectorName.combined:
+    if not adaptive or cfg.detect.test is not FlagTest.combined:
         return None
     rate = training_rate(cfg.detect.adaptive_rows, storage.parquet_rows(files) + suite.n_calibration_[1])
     sampler = {"detector": detector, "group_size": cfg.extract.group_size, "rate": rate, "seed": cfg.seed}
@@ -197,7 +197,7 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
     row_index = np.concatenate(
         [np.zeros(0, np.int64)] + [np.asarray(b["row_index"], np.int64) for b in batches]
     )
-    return suite.night(tails[np.argsort(row_index, kind="stable")], rate, cfg.seed)
+    return suite.adapt_to_night(tails[np.argsort(row_index, kind="stable")], rate, cfg.seed)
 
 
 def _on_actors(
@@ -235,7 +235,7 @@ def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig, night: Adapti
     layers = detector["layers"]
     empty = feature_table([], [], [], [], np.zeros((0, len(layers))), layers, {})
     columns = _numpy_columns(empty)
-    test = cfg.detect.detector.value
+    test = cfg.detect.test.value
     scored = pa.table(Scorer(detector, test, cfg.extract.group_size, night=night)(columns))
     types = {"id": pa.string(), "driver": pa.string(), "top_layers": pa.list_(pa.string())}
     types["top_z"] = pa.list_(pa.float64())

@@ -25,8 +25,8 @@ def demo_sources(scores: pa.Table) -> np.ndarray:
     return np.array([next(iter(s)) if len(s) == 1 else "mixed" for s in labels])
 
 
-def demo_report(scores: pa.Table, detector: str) -> dict[str, Any]:
-    """Metrics of the chosen detector and of the typicality baseline, held-out FashionMNIST vs each OOD
+def demo_report(scores: pa.Table, test: str) -> dict[str, Any]:
+    """Metrics of the chosen test and of the typicality baseline, held-out FashionMNIST vs each OOD
     source, and how many rows of each source were flagged."""
     from gradood.data.demo import DEMO_ID_SOURCE, DEMO_OOD_SOURCES
     from gradood.stats.metrics import CONVENTION, ood_metrics
@@ -35,7 +35,7 @@ def demo_report(scores: pa.Table, detector: str) -> dict[str, Any]:
     flagged = scores.column("flagged").to_numpy(zero_copy_only=False)
     report: dict[str, Any] = {
         "convention": CONVENTION,
-        "detector": detector,
+        "test": test,
         "sources": {},
         "mixed_sets_left_out": int((sources == "mixed").sum()),
         "flagged": {
@@ -77,7 +77,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         )
     progress(
         f"flagged {summary['flagged']} of {summary['feature_rows']} rows at a false-discovery rate of "
-        f"{summary['fdr']} ({summary['fdr_method']}, detector {summary['detector']})"
+        f"{summary['fdr']} ({summary['fdr_method']}, test {summary['test']})"
     )
     floor = summary["prevalence_floor"]
     progress(
@@ -109,7 +109,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     progress(
         "FPR@95 = share of OOD rows accepted at the threshold that accepts 95% of ID rows (ID positive):"
     )
-    name = demo["detector"]
+    name = demo["test"]
     progress(
         f"  {'OOD source':<24}{'share':>7}{'AUROC ' + name:>16}{'AUROC typicality':>18}"
         f"{'FPR@95 ' + name:>17}{'flagged':>9}{'power':>7}"

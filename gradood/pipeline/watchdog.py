@@ -1,4 +1,4 @@
-"""A stage that stops making progress fails, naming itself, instead of hanging the night.
+"""A stage that stops making progress fails, naming itself, instead of hanging the run.
 
 A Ray stage that cannot be scheduled (every CPU held by actors that wait for tasks that need one) or
 whose workers wedge waits forever without a word. The driver consumes such a stage's results through

@@ -1,4 +1,4 @@
-"""The evaluation-grid report: which detector separates ID from OOD rows, per model family and group size.
+"""The evaluation-grid report: which test separates ID from OOD rows, per model family and group size.
 
 One document model (sections of text, tables and figures) renders to both Markdown and a self-contained
 HTML page, so the two always hold the same numbers.
@@ -30,11 +30,11 @@ from gradood.report.html import (
 )
 
 METRIC_COLUMNS = (
-    "family", "group_size", "source", "far_ood", "detector", "auroc", "aupr_in", "aupr_out",
+    "family", "group_size", "source", "far_ood", "test", "auroc", "aupr_in", "aupr_out",
     "fpr_at_95_tpr", "n_id", "n_ood", "flag_fdr", "flag_power", "n_flagged",
 )  # fmt: skip
-CALIBRATION_COLUMNS = ("family", "group_size", "detector", "alpha", "rate", "n_id")
-SCORE_COLUMNS = ("family", "group_size", "detector", "source", "is_ood", "ood_score", "p_value")
+CALIBRATION_COLUMNS = ("family", "group_size", "test", "alpha", "rate", "n_id")
+SCORE_COLUMNS = ("family", "group_size", "test", "source", "is_ood", "ood_score", "p_value")
 
 # (column, table caption, higher is better)
 _PER_SOURCE_METRICS = (
@@ -99,7 +99,7 @@ def _best(values: Sequence[float | None], higher_better: bool) -> set[int]:
 def _row_table(
     header: list[str], rows: list[tuple[list[Any], list[float | None]]], higher_better: bool, caption: str
 ) -> _Table:
-    """Rows of (label cells, detector values); the best detector value of each row is bold."""
+    """Rows of (label cells, test values); the best test value of each row is bold."""
     bold: set[tuple[int, int]] = set()
     for i, (labels, values) in enumerate(rows):
         bold |= {(i, len(labels) + k) for k in _best(values, higher_better)}
@@ -107,18 +107,18 @@ def _row_table(
 
 
 class _Grid:
-    """The metrics table indexed by (family, group_size, source, detector), with the report's orderings."""
+    """The metrics table indexed by (family, group_size, source, test), with the report's orderings."""
 
-    def __init__(self, metrics: pd.DataFrame, default_detector: str):
-        keys = ["family", "group_size", "source", "detector"]
+    def __init__(self, metrics: pd.DataFrame, default_test: str):
+        keys = ["family", "group_size", "source", "test"]
         dup = metrics.duplicated(keys)
         if dup.any():
             raise ValueError(f"metrics has duplicate rows for {metrics.loc[dup, keys].iloc[0].tolist()}")
-        detectors = _ordered(metrics["detector"])
-        if default_detector not in detectors:
-            raise ValueError(f"default detector {default_detector!r} not in metrics detectors {detectors}")
-        self.default = default_detector
-        self.detectors = [default_detector] + [d for d in detectors if d != default_detector]
+        tests = _ordered(metrics["test"])
+        if default_test not in tests:
+            raise ValueError(f"default test {default_test!r} not in metrics tests {tests}")
+        self.default = default_test
+        self.tests = [default_test] + [d for d in tests if d != default_test]
         self.sources = _ordered(metrics["source"])
         self.far = dict(zip(metrics["source"], metrics["far_ood"].astype(bool), strict=True))
         self.cells = {tuple(r[k] for k in keys): r for r in metrics.to_dict("records")}
@@ -128,16 +128,16 @@ class _Grid:
             for g in sorted(set(metrics.loc[metrics["family"] == family, "group_size"]))
         ]
         self.group_sources = {
-            (f, g): [s for s in self.sources if any((f, g, s, d) in self.cells for d in self.detectors)]
+            (f, g): [s for s in self.sources if any((f, g, s, d) in self.cells for d in self.tests)]
             for f, g in self.groups
         }
 
-    def value(self, group: tuple[str, int], source: str, detector: str, column: str) -> Any:
-        row = self.cells.get((*group, source, detector))
+    def value(self, group: tuple[str, int], source: str, test: str, column: str) -> Any:
+        row = self.cells.get((*group, source, test))
         return None if row is None else row[column]
 
     def header(self, *labels: str) -> list[str]:
-        return [*labels, *(f"{d} (default)" if d == self.default else d for d in self.detectors)]
+        return [*labels, *(f"{d} (default)" if d == self.default else d for d in self.tests)]
 
     def marker(self, source: str) -> str:
         return "far" if self.far[source] else "near"
@@ -149,30 +149,26 @@ def _summary(grid: _Grid) -> _Table:
         sources = grid.group_sources[group]
         for label, subset in (("far-OOD", [s for s in sources if grid.far[s]]), ("all OOD", sources)):
             means: list[float | None] = []
-            for d in grid.detectors:
+            for d in grid.tests:
                 vals = [grid.value(group, s, d, "auroc") for s in subset]
                 means.append(None if not vals or None in vals else sum(vals) / len(vals))
             rows.append(([group[0], group[1], f"{label} ({len(subset)})"], means))
-    caption = "Mean AUROC over OOD sources (\u2013 where a detector lacks one of them)"
+    caption = "Mean AUROC over OOD sources (\u2013 where a test lacks one of them)"
     return _row_table(grid.header("family", "group size", "sources"), rows, True, caption)
 
 
 def _calibration_table(frame: pd.DataFrame) -> _Table:
-    """Rows (family, group size, detector), one column per alpha: the empirical P(p <= alpha) on ID rows."""
+    """Rows (family, group size, test), one column per alpha: the empirical P(p <= alpha) on ID rows."""
     alphas = sorted(set(frame["alpha"]))
-    cells = {
-        (r["family"], int(r["group_size"]), r["detector"], r["alpha"]): r for r in frame.to_dict("records")
-    }
+    cells = {(r["family"], int(r["group_size"]), r["test"], r["alpha"]): r for r in frame.to_dict("records")}
     rows = []
-    for family, group_size, detector in dict.fromkeys(
-        zip(frame["family"], frame["group_size"], frame["detector"], strict=True)
+    for family, group_size, test in dict.fromkeys(
+        zip(frame["family"], frame["group_size"], frame["test"], strict=True)
     ):
-        found = [cells.get((family, int(group_size), detector, a)) for a in alphas]
+        found = [cells.get((family, int(group_size), test, a)) for a in alphas]
         n_id = next(r["n_id"] for r in found if r is not None)
-        rows.append(
-            [family, int(group_size), detector, n_id, *(None if r is None else r["rate"] for r in found)]
-        )
-    header = ["family", "group size", "detector", "ID rows", *(f"P(p <= {a:g})" for a in alphas)]
+        rows.append([family, int(group_size), test, n_id, *(None if r is None else r["rate"] for r in found)])
+    header = ["family", "group size", "test", "ID rows", *(f"P(p <= {a:g})" for a in alphas)]
     caption = (
         "Share of held-out in-distribution rows with p-value <= alpha (valid: at most alpha, up to noise)"
     )
@@ -183,32 +179,30 @@ def _per_source(grid: _Grid, group: tuple[str, int], fdr_target: float) -> list[
     sources = grid.group_sources[group]
     tables = []
     for column, caption, higher_better in _PER_SOURCE_METRICS:
-        rows = [
-            ([s, grid.marker(s)], [grid.value(group, s, d, column) for d in grid.detectors]) for s in sources
-        ]
+        rows = [([s, grid.marker(s)], [grid.value(group, s, d, column) for d in grid.tests]) for s in sources]
         tables.append(_row_table(grid.header("source", "near/far"), rows, higher_better, caption))
     flag_cols = ["n_id", "n_ood", "n_flagged", "flag_fdr", "flag_power"]
     flags = [
         [s, grid.marker(s), d, *(grid.value(group, s, d, c) for c in flag_cols)]
         for s in sources
-        for d in grid.detectors
+        for d in grid.tests
         if (*group, s, d) in grid.cells
     ]
-    header = ["source", "near/far", "detector", "ID rows", "OOD rows", "flagged", "empirical FDR", "power"]
+    header = ["source", "near/far", "test", "ID rows", "OOD rows", "flagged", "empirical FDR", "power"]
     tables.append(_Table(header, flags, set(), f"Benjamini-Hochberg flags at FDR target {fdr_target:g}"))
     return tables
 
 
 def _roc_figure(grid: _Grid, group: tuple[str, int], scores: pd.DataFrame) -> Figure:
-    """One subplot per OOD source, one curve per detector (ID rows + that source's rows, OOD positive)."""
+    """One subplot per OOD source, one curve per test (ID rows + that source's rows, OOD positive)."""
     sources = grid.group_sources[group]
     ncols = min(3, len(sources))
     nrows = math.ceil(len(sources) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, source in zip(axes, sources, strict=False):
-        for k, d in enumerate(grid.detectors):
-            rows = scores[(scores["detector"] == d) & (~scores["is_ood"] | (scores["source"] == source))]
+        for k, d in enumerate(grid.tests):
+            rows = scores[(scores["test"] == d) & (~scores["is_ood"] | (scores["source"] == source))]
             y = rows["is_ood"].to_numpy(bool)
             if y.all() or not y.any():  # a curve needs both ID and OOD rows
                 continue
@@ -249,8 +243,8 @@ def _intro(command: str, grid: _Grid, id_sources: list[str], fdr_target: float) 
                 f"Flags: Benjamini-Hochberg on the p-values at FDR target {fdr_target:g}, on each OOD source "
                 "mixed with the ID rows. Empirical FDR = share of flagged rows that are ID (\u2013 when "
                 "nothing was flagged); power = share of OOD rows flagged.",
-                f"Default detector: {grid.default} (first detector column, marked '(default)'). "
-                "Bold: the best detector in each row (all tied values). near/far: near- or far-OOD source.",
+                f"Default test: {grid.default} (first test column, marked '(default)'). "
+                "Bold: the best test in each row (all tied values). near/far: near- or far-OOD source.",
             ]
         ),
     ]
@@ -294,19 +288,19 @@ def write_evaluation_report(
     *,
     title: str,
     command: str,
-    default_detector: str,
+    default_test: str,
     fdr_target: float,
     notes: Sequence[str] = (),
     calibration: pa.Table | None = None,
 ) -> dict[str, str | list[str]]:
     """Write report.md, report.html (figures inline) and one ROC PNG per (family, group_size) to out_dir.
 
-    ``calibration`` (family, group_size, detector, alpha, rate, n_id): the share of held-out ID rows with
-    p <= alpha per detector, shown as one table after the summary.
+    ``calibration`` (family, group_size, test, alpha, rate, n_id): the share of held-out ID rows with
+    p <= alpha per test, shown as one table after the summary.
 
     Returns {"markdown": path, "html": path, "figures": [paths]}.
     """
-    grid = _Grid(_require(metrics, METRIC_COLUMNS, "metrics"), default_detector)
+    grid = _Grid(_require(metrics, METRIC_COLUMNS, "metrics"), default_test)
     score_df = _require(scores, SCORE_COLUMNS, "scores")
     score_df["is_ood"] = score_df["is_ood"].astype(bool)
     by_group = {(f, int(g)): sub for (f, g), sub in score_df.groupby(["family", "group_size"], sort=False)}

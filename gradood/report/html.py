@@ -2,7 +2,7 @@
 
 Reports are opened from a bucket, an artifact store or a mail attachment, often offline, so pages
 carry their CSS and images inline (PNG data URIs) and never reference external URLs, scripts or fonts.
-Every cell is escaped, so names coming from data (sources, detectors, families) cannot break markup.
+Every cell is escaped, so names coming from data (sources, tests, families) cannot break markup.
 """
 
 from __future__ import annotations

@@ -47,9 +47,7 @@ def _counts(summary: Mapping[str, Any]) -> str:
         ["incomplete sets (not flagged)", summary["incomplete_sets"]],
         ["shards resumed from an earlier attempt", summary["resumed_shards"]],
     ]
-    table = html_table(
-        ["", "count"], rows, caption=f"Run {summary['run_id']}: detector {summary['detector']}"
-    )
+    table = html_table(["", "count"], rows, caption=f"Run {summary['run_id']}: test {summary['test']}")
     skipped = summary.get("skipped_reasons") or {}
     if skipped:
         table += html_table(["skipped because", "files"], sorted(skipped.items()), caption="Skipped files")

@@ -12,7 +12,7 @@ tests' smooth tails) is a fixed function once the fit rows and part 1 are used, 
 against part 2 is valid whatever the dependence between the component tests. That dependence is why
 Fisher's chi-square reference distribution cannot be used directly here.
 
-The adaptive combination is fitted per night (:meth:`DetectorSuite.night`) from every test's tails of
+The adaptive combination is fitted per night (:meth:`DetectorSuite.adapt_to_night`) from every test's tails of
 both calibration parts, which the suite keeps (``calibration_tails_``), and of the night's rows.
 """
 
@@ -27,7 +27,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from gradood.core.choices import TestName
 from gradood.stats.adaptive import AdaptiveNight, CalibrationTails
 from gradood.stats.conformal import Combination, CombinedTest, ConformalCalibrator, EqualTailedCalibrator
-from gradood.stats.detectors import (
+from gradood.stats.layout import LOG_PROB_COLUMN, check_split, split_of
+from gradood.stats.moments import Moments
+from gradood.stats.ood_tests import (
     FORMAT_VERSION,
     DiagonalGaussian,
     FisherLayers,
@@ -39,8 +41,6 @@ from gradood.stats.detectors import (
     check_format,
     ood_test_from_dict,
 )
-from gradood.stats.layout import LOG_PROB_COLUMN, check_split, split_of
-from gradood.stats.moments import Moments
 
 #: which columns each test reads: the layers' log-norms, log p(x), or both
 _COLUMNS = {
@@ -231,7 +231,7 @@ class DetectorSuite(BaseEstimator):
         """Fixed combined statistic and, per row, the index of the component with the smallest tail p."""
         return self._combined_test().statistic(self._components_of(X))
 
-    def night(self, night_tails: np.ndarray, rate: float, seed: int) -> AdaptiveNight:
+    def adapt_to_night(self, night_tails: np.ndarray, rate: float, seed: int) -> AdaptiveNight:
         """The adaptive combined test of one night, trained on ``night_tails`` (the tails of the night's
         rows that :func:`gradood.stats.adaptive.training_mask` picked at ``rate``)."""
         check_is_fitted(self)
@@ -268,7 +268,9 @@ class DetectorSuite(BaseEstimator):
         X = self._checked(X)
         adaptive = Combination(self.combination) is Combination.adaptive
         if combined and adaptive and night is None:
-            raise ValueError("an adaptive combination needs the night's test: DetectorSuite.night(...)")
+            raise ValueError(
+                "an adaptive combination needs the night's test: DetectorSuite.adapt_to_night(...)"
+            )
         if night is not None and not adaptive:
             raise ValueError(f"a night's adaptive test was given to a {self.combination} combination")
         out: dict[str, Any] = {}

@@ -22,7 +22,7 @@ from gradood.stats import (
     Typicality,
     log_features,
 )
-from gradood.stats.detectors import ood_test_from_dict
+from gradood.stats.ood_tests import ood_test_from_dict
 from gradood.stats.suite import TAIL_ORDER
 
 NAMES = [f"layer{j}.weight" for j in range(5)]
@@ -133,7 +133,7 @@ def test_the_suite_calibrates_typicality_on_both_tails_and_names_the_side():
     low, high = (TAIL_ORDER.index(f"typicality:{side}") for side in ("low", "high"))
     assert tails[0, low] > 5 and tails[0, high] == 0  # too likely: only the low side is out
     assert tails[1, high] > 5 and tails[1, low] == 0
-    night = suite.night(suite.tails(fit[:200]), 1.0, seed=0)
+    night = suite.adapt_to_night(suite.tails(fit[:200]), 1.0, seed=0)
     drivers = suite.score_all(rows, night)["driver"]
     assert drivers[0] == "typicality:low"  # the too-likely row is flagged by its low side
 

@@ -34,7 +34,6 @@ from gradood.data.demo import DEMO_ID_SOURCE, demo_source_of
 from gradood.pipeline.tables import feature_matrix
 from gradood.stats import DetectorSuite
 from gradood.stats.adaptive import adaptive_p_values, component_tail
-from gradood.stats.suite import tail_columns
 
 SHARES = (10, 30, 100, 300)
 ALPHAS = (0.01, 0.05, 0.1)
@@ -46,7 +45,7 @@ def score_night(
 ) -> dict[str, dict]:
     """AUROC per source of every rule, the per-source targets (from ``targets``: the paper and typicality
     scores, one column each), and the ID rows' adaptive p-value rates."""
-    columns = [tail_columns(c) for c in suite.components]
+    columns = [suite.tail_columns(c) for c in suite.components]
     cal = suite.calibration_tails_
     night = suite.adapt_to_night(tails, 1.0, seed)
     classifier, _, _ = adaptive_p_values(cal.part_1, cal.part_2, tails, random_state=seed)

@@ -112,9 +112,10 @@ FlagTest = StrEnum("FlagTest", {"combined": "combined", **{t.name: t.value for t
 class DetectConfig:
     #: the test behind ood_score, p_value, rank and flags (every test's score and p-value is kept)
     test: FlagTest = FlagTest.combined
-    #: the single tests the combined test combines
+    #: the single tests the combined test combines (complexity needs the features' complexity_bits,
+    #: which extraction always writes)
     components: list[TestName] = field(
-        default_factory=lambda: [TestName.paper, TestName.fullcov, TestName.typicality]
+        default_factory=lambda: [TestName.paper, TestName.fullcov, TestName.typicality, TestName.complexity]
     )
     #: fisher: -2 sum_k log p_k; tippett: -min_k log p_k (both calibrated on held-out rows); adaptive:
     #: Fisher over the components' Fisher statistic and a classifier of all tests learned from the night
@@ -262,7 +263,7 @@ class EvaluateSettings:
     #: realistic nights (B=1): rows per night, drawn from the run's rows at each OOD share, and draws
     night_rows: int = 2000
     #: random nights drawn at each OOD share
-    night_draws: int = 5
+    night_draws: int = 20
     #: more (far-)OOD sources by URI, name -> uri, e.g. mnist: torchvision://MNIST?split=test&root=DIR
     extra_sources: dict[str, str] = field(default_factory=dict)
     #: include Bergamin et al.'s per-parameter score statistic (in-process, about 2x a feature pass)

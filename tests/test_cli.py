@@ -74,7 +74,7 @@ def test_help_shows_the_defaults_and_the_choices_of_closed_settings():
     text = help_text("usage: x", cfg)
     lines = text.splitlines()
     assert "  extract.group_size=5" in lines and "  run.id=null" in lines and "  fit.refit=false" in lines
-    assert "  detect.components=[paper,fullcov,typicality]" in lines
+    assert "  detect.components=[paper,fullcov,typicality,complexity]" in lines
     method = lines.index("  extract.method=engine")
     assert lines[method + 1].strip().startswith("how the per-sample norms are computed")
     assert "(one of: loop, vmap, engine)" in " ".join(lines[method + 1 : method + 4])

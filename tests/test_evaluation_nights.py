@@ -20,7 +20,6 @@ from gradood.evaluation.nights import (
 from gradood.stats import DetectorSuite
 from gradood.stats.adaptive import component_tail
 from gradood.stats.conformal import ConformalCalibrator
-from gradood.stats.suite import tail_columns
 
 
 def test_tpr_at_fpr_is_the_best_tpr_whose_fpr_stays_at_or_below_the_target():
@@ -77,7 +76,7 @@ def test_night_metrics_count_flags_power_and_fdp_as_bh_on_the_nights_rows():
     held_tails, _ = pool.held_out("id")
     n_cal = len(pool.suite.calibration_tails_.part_2)
     assert len(held_tails) == n_cal + 400
-    columns = [tail_columns(c) for c in pool.suite.components]
+    columns = [pool.suite.tail_columns(c) for c in pool.suite.components]
 
     def fixed(tails: np.ndarray) -> np.ndarray:
         return 2.0 * sum(component_tail(tails, np.asarray(c)) for c in columns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.core import storage
@@ -31,6 +33,7 @@ from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, feature_matrix, suite_
 from gradood.seeding import draw_noise, row_uniforms
 from gradood.stats import DetectorSuite, Moments, split_of
 from gradood.stats.conformal import EqualTailedCalibrator
+from gradood.stats.layout import png_bits
 from tests.pipeline_fixtures import tiny_glow_checkpoint, write_png_folder
 
 
@@ -63,8 +66,8 @@ def test_compute_features_groups_by_global_index(model, group_size, batch_size):
     )
     expected_groups = sorted({int(i) // group_size for i in rows.row_index})
     assert len(feats.ids) == len(expected_groups)
-    for g, members, lp, sq in zip(
-        expected_groups, feats.member_ids, feats.log_prob, feats.sqnorms, strict=True
+    for g, members, lp, bits, sq in zip(
+        expected_groups, feats.member_ids, feats.log_prob, feats.complexity_bits, feats.sqnorms, strict=True
     ):
         idx = [k for k, i in enumerate(rows.row_index) if i // group_size == g]
         assert members == [rows.ids[k] for k in idx]
@@ -77,6 +80,7 @@ def test_compute_features_groups_by_global_index(model, group_size, batch_size):
             method="loop",
         )
         assert lp == pytest.approx(ref.log_prob.mean(), rel=1e-5)
+        assert bits == pytest.approx(np.mean(png_bits(rows.images[idx])), rel=1e-12)  # per-image scale
         np.testing.assert_allclose(sq, ref.sqnorms[0], rtol=1e-4, atol=1e-12)
     assert feats.n_rows.sum() == len(rows.ids)
 
@@ -94,11 +98,12 @@ def test_non_finite_groups_become_error_rows():
         member_ids=[["a", "a2"], ["b"]],
         member_index=[np.array([0, 1]), np.array([2])],
         log_prob=np.array([np.nan, -1.0]),
+        complexity_bits=np.array([800.0, 900.0]),
         sqnorms=np.ones((2, 3)),
         layer_names=["p", "q", "r"],
     )
     kept, errors = drop_non_finite(feats, [("z", 9, "decode failed")])
-    assert kept.ids == ["b"] and kept.sqnorms.shape == (1, 3)
+    assert kept.ids == ["b"] and kept.sqnorms.shape == (1, 3) and kept.complexity_bits.tolist() == [900.0]
     assert [e[:2] for e in errors] == [("z", 9), ("a", 0), ("a2", 1)]
     assert "non-finite" in errors[-1][2]
 
@@ -140,6 +145,15 @@ def test_shard_writer_contract(model_dir, tmp_path):
     assert file_meta["model_fingerprint"] == meta["fingerprint"] and file_meta["seed"] == 0
     assert table.num_rows == 24 and table.column("id").to_pylist() == sorted(table.column("id").to_pylist())
     assert pq.read_table(out / "errors").column("id").to_pylist()[0].endswith("zz-corrupt.png")
+    # complexity_bits: 8 x the bytes of each decoded image saved as PNG at zlib level 9
+    png_bytes = {}
+    for rows in decoded["rows"]:
+        for row_id, image in zip(rows.ids, rows.images, strict=True):
+            buffer = io.BytesIO()
+            Image.fromarray(image[0]).save(buffer, format="PNG", compress_level=9)
+            png_bytes[row_id] = len(buffer.getvalue())
+    bits = dict(zip(table.column("id").to_pylist(), table.column("complexity_bits").to_pylist(), strict=True))
+    assert bits == {row_id: 8.0 * n for row_id, n in png_bytes.items()}
 
     # rows are split by a hash of (seed, id); the summaries' moments are those of the fit rows only,
     # equal to a direct computation on the written features; the reducer is idempotent
@@ -149,7 +163,7 @@ def test_shard_writer_contract(model_dir, tmp_path):
     np.testing.assert_array_equal(split, split_of(row_uniforms(0, ids, "calibration-split"), 0.5))
     assert set(split.tolist()) == {0, 1, 2}
     x = feature_matrix(table, layers, 1e-30)
-    reducer = FitReducer(len(layers) + 1)
+    reducer = FitReducer(x.shape[1])
     for k in range(len(shards)):
         reducer.add(int(summary["shard"][k]), summary["moments"][k])
     reducer.add(int(summary["shard"][0]), summary["moments"][0])
@@ -161,14 +175,17 @@ def test_shard_writer_contract(model_dir, tmp_path):
     np.testing.assert_allclose(from_files.comoment, merged.comoment, rtol=1e-9)
 
     # scorer: the suite's scores and p-values for every row; top layers have the largest |z|
-    suite = DetectorSuite().fit_parts(merged, x[split == 1], x[split == 2], suite_feature_names(layers))
+    names = suite_feature_names(layers, table)
+    assert names[-1] == "complexity_bits" and x.shape[1] == len(names)
+    suite = DetectorSuite().fit_parts(merged, x[split == 1], x[split == 2], names)
     detector = {"suite": suite.to_dict(), "layers": layers, "fit": {"min_sqnorm": 1e-30}}
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     scored = Scorer(detector, "combined")(cols)
     np.testing.assert_allclose(scored["ood_score"], suite.ood_score(x))
     np.testing.assert_allclose(scored["p_value"], suite.p_value(x))
     # typicality: two-sided on -log p(x) - H_hat, equal-tailed against calibration part 1
-    statistic = -x[:, -1] + x[split == 0, -1].mean()
+    log_prob, bits = x[:, -2], x[:, -1]
+    statistic = -log_prob + log_prob[split == 0].mean()
     calibration = statistic[split == 1]
     high = (1 + (calibration[None, :] >= statistic[:, None]).sum(axis=1)) / (len(calibration) + 1)
     low = (1 + (calibration[None, :] <= statistic[:, None]).sum(axis=1)) / (len(calibration) + 1)
@@ -176,21 +193,21 @@ def test_shard_writer_contract(model_dir, tmp_path):
     tail = EqualTailedCalibrator(calibration).smooth_log_p(statistic)
     np.testing.assert_allclose(scored["score:typicality"], -tail)
     paper = suite.tests_["paper"]
-    np.testing.assert_allclose(scored["score:paper"], paper.ood_score(x[:, :-1]))
+    np.testing.assert_allclose(scored["score:paper"], paper.ood_score(x[:, :-2]))
+    # complexity: -log2 p(x) minus the PNG bits, one-sided against part 1
+    np.testing.assert_allclose(scored["score:complexity"], -log_prob / np.log(2) - bits)
     p_paper = (1 + (suite.calibrators_["paper"].scores[None, :] >= scored["score:paper"][:, None]).sum(1)) / (
         suite.calibrators_["paper"].n + 1
     )
     np.testing.assert_allclose(scored["p_value:paper"], p_paper)
     assert set(scored["driver"]) <= {"paper", "fullcov", "typicality"}
-    z = paper.zscores(x[:, :-1])
+    z = paper.zscores(x[:, :-2])
     assert max(abs(v) for v in scored["top_z"][0]) == pytest.approx(np.abs(z[0]).max())
     single = Scorer(detector, "typicality")(cols)
     np.testing.assert_array_equal(single["ood_score"], scored["score:typicality"])
     assert set(single["driver"]) == {"typicality"}
     # an adaptive suite ranked by one test fits no night (the files are not even read) and scores the same
-    adaptive = DetectorSuite(combination="adaptive").fit_parts(
-        merged, x[split == 1], x[split == 2], suite_feature_names(layers)
-    )
+    adaptive = DetectorSuite(combination="adaptive").fit_parts(merged, x[split == 1], x[split == 2], names)
     adaptive_detector = {**detector, "suite": adaptive.to_dict()}
     cfg = load_config(ScoreCorpusConfig, overrides=["detect.test=typicality"])
     assert fit_night([str(out / "missing.parquet")], adaptive_detector, cfg) is None
@@ -223,3 +240,8 @@ def test_incomplete_sets_of_the_fit_set_stay_out_of_fit_and_calibration(model_di
     )
     pq.write_table(stale, sorted((out / "features").glob("*.parquet"))[0])
     assert completed_shard(shard, settings, expected) is None
+    # so is a file written before extraction recorded each input's complexity bits
+    pq.write_table(table.drop_columns(["complexity_bits"]), sorted((out / "features").glob("*.parquet"))[0])
+    assert completed_shard(shard, settings, expected) is None
+    pq.write_table(table, sorted((out / "features").glob("*.parquet"))[0])
+    assert completed_shard(shard, settings, expected)["feature_rows"] == 9

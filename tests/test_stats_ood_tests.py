@@ -12,6 +12,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import check_estimator
 
 from gradood.stats import (
+    ComplexityCorrected,
     DetectorSuite,
     DiagonalGaussian,
     FisherLayers,
@@ -23,7 +24,6 @@ from gradood.stats import (
     log_features,
 )
 from gradood.stats.ood_tests import ood_test_from_dict
-from gradood.stats.suite import TAIL_ORDER
 
 NAMES = [f"layer{j}.weight" for j in range(5)]
 
@@ -112,6 +112,57 @@ def test_simple_tests_match_their_formulas():
     assert Typicality.two_sided and not NegLogLikelihood.two_sided and not GradNorm.two_sided
 
 
+def test_complexity_corrected_is_the_likelihood_bits_beyond_the_png_size():
+    rng = np.random.default_rng(5)
+    rows = np.column_stack([rng.normal(-900.0, 20.0, 9), rng.normal(2000.0, 100.0, 9)])  # nats, bits
+    test = ComplexityCorrected().fit(rows)
+    np.testing.assert_allclose(test.ood_score(rows), -rows[:, 0] / np.log(2) - rows[:, 1], rtol=1e-12)
+    assert not ComplexityCorrected.two_sided
+    back = ood_test_from_dict(json.loads(json.dumps(test.to_dict())))
+    np.testing.assert_array_equal(back.ood_score(rows), test.ood_score(rows))
+    with pytest.raises(ValueError, match="log p and complexity bits"):
+        ComplexityCorrected().fit(rows[:, :1]).ood_score(rows[:, :1])
+
+
+def _with_complexity(rng: np.random.Generator, n: int) -> pd.DataFrame:
+    """Log-norms, log p in nats and PNG bits that track log p (a simpler image is more likely)."""
+    bits = rng.normal(3000.0, 300.0, n)
+    log_prob = -np.log(2) * (bits + rng.normal(200.0, 10.0, n))  # -log2 p = bits + 200 +- 10
+    columns = [*NAMES, "log_prob", "complexity_bits"]
+    return pd.DataFrame(np.column_stack([_log_norms(rng, n), log_prob, bits]), columns=columns)
+
+
+def test_the_suite_fits_the_complexity_test_only_where_the_features_have_its_column():
+    rng = np.random.default_rng(6)
+    fit = _with_complexity(rng, 3000)
+    suite = DetectorSuite(calibration_fraction=0.6).fit(fit)
+    assert list(suite.tests_)[-1] == "complexity" and suite.tail_order[-1] == "complexity"
+    # a simple image: short PNG and high likelihood, both typical alone; beyond its size it is surprising
+    odd = fit.iloc[:3].copy()
+    odd["complexity_bits"] = 2500.0
+    odd["log_prob"] = -np.log(2) * (2500.0 + 260.0)
+    scores = suite.score_all(odd, combined=False)
+    np.testing.assert_allclose(scores["complexity"]["score"], 260.0, rtol=1e-9)
+    calibration = suite.calibrators_["complexity"]
+    stat = scores["complexity"]["score"]
+    expected = (1 + (calibration.scores[None, :] >= stat[:, None]).sum(axis=1)) / (calibration.n + 1)
+    np.testing.assert_allclose(scores["complexity"]["p_index"] / (calibration.n + 1), expected)
+    assert (scores["complexity"]["p_index"] == 1).all()  # beyond every calibration row
+    assert (scores["typicality"]["p_index"] > 0.05 * (suite.calibration_size("typicality") + 1)).all()
+    # the layers' tests read the layers only: the paper's test is that of the log-norm columns alone
+    alone = DetectorSuite(calibration_fraction=0.6).fit(fit[NAMES + ["log_prob"]])
+    np.testing.assert_allclose(
+        suite.test_scores("paper", odd), alone.test_scores("paper", odd[alone.feature_names_in_])
+    )
+    assert "complexity" not in alone.tests_ and "complexity" not in alone.tail_order
+    with pytest.raises(ValueError, match="complexity_bits"):
+        DetectorSuite(components=("paper", "complexity")).fit(fit[NAMES + ["log_prob"]])
+    back = DetectorSuite.from_dict(json.loads(json.dumps(suite.to_dict(), sort_keys=True)))  # as stored
+    np.testing.assert_array_equal(
+        back.score_all(odd, combined=False)["complexity"]["score"], scores["complexity"]["score"]
+    )
+
+
 def test_the_suite_calibrates_typicality_on_both_tails_and_names_the_side():
     """A row far *more likely* than every calibration row is as far out for typicality as one far less
     likely: p = 2 / (n + 1) on both sides (one tail would give the too-likely row p = 1), and the
@@ -130,7 +181,7 @@ def test_the_suite_calibrates_typicality_on_both_tails_and_names_the_side():
     assert p[2] > 0.5
     assert (result["typicality"]["score"][:2] > result["typicality"]["score"][2]).all()
     tails = suite.tails(rows)
-    low, high = (TAIL_ORDER.index(f"typicality:{side}") for side in ("low", "high"))
+    low, high = (suite.tail_order.index(f"typicality:{side}") for side in ("low", "high"))
     assert tails[0, low] > 5 and tails[0, high] == 0  # too likely: only the low side is out
     assert tails[1, high] > 5 and tails[1, low] == 0
     night = suite.adapt_to_night(suite.tails(fit[:200]), 1.0, seed=0)

@@ -72,3 +72,5 @@ class TestName(StrEnum):
     gradnorm = "gradnorm"
     typicality = "typicality"
     nll = "nll"
+    #: -log2 p(x) minus the input's PNG size in bits; fitted only where the features carry that column
+    complexity = "complexity"

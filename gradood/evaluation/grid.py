@@ -150,18 +150,18 @@ def run_test_scores(
             suite.calibration_size("combined"),
         )
     }
-    for name in TestName:
+    for name in map(TestName, suite.tests_):
         n = suite.calibration_size(name.value)
         p = scores.column(f"p_value:{name.value}").to_numpy()
         found[name.value] = Scored(
             scores.column(f"score:{name.value}").to_numpy(), np.rint(p * (n + 1)).astype(int), n
         )
-    names = suite_feature_names(layers)
+    names = suite_feature_names(layers, fit_table)
     components = tuple(c.value for c in run_cfg.detect.components)
     variants = {
         "combined_fisher": {"components": components, "combination": "fisher"},
         "combined_tippett": {"components": components, "combination": "tippett"},
-        "combined_all": {"components": tuple(t.value for t in TestName), "combination": "fisher"},
+        "combined_all": {"components": tuple(suite.tests_), "combination": "fisher"},
     }
     for label, params in variants.items():
         variant = _suite_variant(fit_x, part, names, run_cfg, **params)

@@ -33,7 +33,7 @@ from gradood.stats.adaptive import (
     training_rate,
 )
 from gradood.stats.conformal import ConformalCalibrator, FdrMethod, fdr_flags, q_values_from_index
-from gradood.stats.suite import DetectorSuite, tail_columns
+from gradood.stats.suite import DetectorSuite
 
 #: OOD shares of the nights, and the false-positive rates of the TPR columns
 PREVALENCES = (0.005, 0.01, 0.02, 0.05, 0.1)
@@ -103,7 +103,7 @@ def night_tests(
     """(scores, p-value indices, n_cal) of the night's rows for the adaptive default, refitted on this
     night as the job fits it, and for the fixed Fisher combination, both calibrated on ``cal_tails``."""
     suite = pool.suite
-    columns = [tail_columns(c) for c in suite.components]
+    columns = [suite.tail_columns(c) for c in suite.components]
     calibration = CalibrationTails(
         suite.calibration_tails_.tests, suite.calibration_tails_.part_1, cal_tails, cal_ids
     )

@@ -22,7 +22,13 @@ from gradood.core.progress import progress
 from gradood.data.sources import open_source
 from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
-from gradood.pipeline.tables import INCOMPLETE_SET_SPLIT, SPLIT_COLUMN, feature_matrix, suite_feature_names
+from gradood.pipeline.tables import (
+    EXTRACTED_COLUMNS,
+    INCOMPLETE_SET_SPLIT,
+    SPLIT_COLUMN,
+    feature_matrix,
+    suite_feature_names,
+)
 from gradood.stats.moments import Moments
 from gradood.stats.suite import DetectorSuite
 
@@ -98,7 +104,7 @@ def fit_detector(
     cfg: ScoreCorpusConfig, out: str, weights: bytes, model_meta: dict[str, Any], layer_names: list[str]
 ) -> dict[str, Any]:
     source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=cfg.fit.size)
-    reducer = start_reducer(len(layer_names) + 1)
+    reducer = start_reducer(len(layer_names) + len(EXTRACTED_COLUMNS))
     fit_out = storage.join(out, "fit")
 
     def send(summary: dict[str, Any]) -> None:
@@ -138,7 +144,7 @@ def fit_detector(
         moments,
         x[part == 1],
         x[part == 2],
-        suite_feature_names(layer_names),
+        suite_feature_names(layer_names, calibration),
         [str(i) for i, k in zip(calibration.column("id").to_pylist(), part, strict=True) if k == 2],
     )
     paper = suite.tests_["paper"]

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from gradood.core import storage
-from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, table_metadata
+from gradood.pipeline.tables import EXTRACTED_COLUMNS, SPLIT_COLUMN, feature_matrix, table_metadata
 from gradood.stats.moments import Moments
 
 
@@ -36,7 +36,7 @@ class FitReducer:
 
 def moments_from_parquet(features_uri: str, layer_names: Sequence[str], min_sqnorm: float) -> Moments:
     """Recompute the reducer's result from the fit-set feature files' fit rows, one file at a time."""
-    moments = Moments.empty(len(layer_names) + 1)
+    moments = Moments.empty(len(layer_names) + len(EXTRACTED_COLUMNS))
     for path in storage.list_files(features_uri):
         table = storage.read_parquet(path)
         table_metadata(table)  # a stray non-gradood file is an error, not silently merged

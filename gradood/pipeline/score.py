@@ -39,7 +39,7 @@ from gradood.pipeline.scoring import Scorer, TailSampler
 from gradood.stats.adaptive import AdaptiveNight, training_rate
 from gradood.stats.conformal import Combination, prevalence_floor
 from gradood.stats.drift import RankSumDrift
-from gradood.stats.suite import TAIL_ORDER, DetectorSuite
+from gradood.stats.suite import DetectorSuite
 
 SCORE_CONVENTION = (
     "ood_score: the chosen test's statistic, higher = more OOD, rank 1 = most OOD; p_value: conformal "
@@ -190,7 +190,7 @@ def fit_night(files: list[str], detector: dict[str, Any], cfg: ScoreCorpusConfig
     else:
         sampled = _on_actors(files, TailSampler, sampler, cfg)
         batches = list(sampled.iter_batches(batch_size=None, batch_format="numpy"))
-    k = len(TAIL_ORDER)
+    k = len(suite.tail_order)
     tails = np.vstack(
         [np.zeros((0, k))] + [np.asarray(b["tails"], np.float64).reshape(-1, k) for b in batches]
     )

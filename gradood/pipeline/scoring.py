@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradood.pipeline.tables import feature_matrix, object_column, suite_feature_names
+from gradood.pipeline.tables import feature_matrix, object_column
 from gradood.stats.adaptive import AdaptiveNight, training_mask
 from gradood.stats.suite import DetectorSuite
 
@@ -54,7 +54,7 @@ class Scorer:
         self.suite = DetectorSuite.from_dict(detector["suite"])
         self.layers = list(detector["layers"])
         self.min_sqnorm = float(detector["fit"]["min_sqnorm"])
-        self.columns = suite_feature_names(self.layers)
+        self.columns = [str(name) for name in self.suite.feature_names_in_]
         self.test = test
         self.top_k = top_k
 

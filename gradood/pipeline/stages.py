@@ -32,7 +32,7 @@ from gradood.pipeline.tables import (
     table_metadata,
 )
 from gradood.seeding import draw_noise, row_uniforms
-from gradood.stats.layout import split_of
+from gradood.stats.layout import COMPLEXITY_COLUMN, png_bits, split_of
 from gradood.stats.moments import Moments
 
 #: the stream of the per-row uniform that assigns held-out rows to fit / calibration parts
@@ -49,6 +49,7 @@ class ShardFeatures:
     member_ids: list[list[str]]
     member_index: list[np.ndarray]
     log_prob: np.ndarray
+    complexity_bits: np.ndarray
     sqnorms: np.ndarray
     layer_names: list[str]
 
@@ -71,7 +72,8 @@ def compute_features(
 
     Group g holds the rows with global index in [g*B, (g+1)*B); rows rejected at decode time simply
     drop out of their group (its ``n_rows`` says how many remained). ``log_prob`` is the group's mean
-    per-row log-likelihood, so it stays on the per-image scale the typicality baseline uses.
+    per-row log-likelihood, so it stays on the per-image scale the typicality baseline uses, and
+    ``complexity_bits`` the mean PNG size of its members, on the same scale.
     """
     if group_size < 1 or batch_size < group_size:
         raise ValueError(
@@ -101,6 +103,8 @@ def compute_features(
         out_sqnorms.append(res.sqnorms)
         layer_names = res.layer_names
         lo = hi
+    sizes = (ends - starts).astype(np.int64)
+    complexity = np.add.reduceat(png_bits(rows.images), starts) / sizes if n else np.zeros(0)
     if layer_names is None:
         from gradood.features import feature_layer_names
 
@@ -112,6 +116,7 @@ def compute_features(
         member_ids=[list(rows.ids[s:e]) for s, e in zip(starts, ends, strict=True)],
         member_index=[np.asarray(rows.row_index[s:e], np.int64) for s, e in zip(starts, ends, strict=True)],
         log_prob=np.concatenate(out_log_prob) if out_log_prob else np.zeros(0),
+        complexity_bits=complexity,
         sqnorms=np.concatenate(out_sqnorms) if out_sqnorms else np.zeros((0, len(layer_names))),
         layer_names=list(layer_names),
     )
@@ -137,6 +142,7 @@ def drop_non_finite(
             member_ids=[feats.member_ids[i] for i in keep],
             member_index=[feats.member_index[i] for i in keep],
             log_prob=feats.log_prob[keep],
+            complexity_bits=feats.complexity_bits[keep],
             sqnorms=feats.sqnorms[keep],
             layer_names=feats.layer_names,
         ),
@@ -221,7 +227,7 @@ def completed_shard(
     meta = table_metadata(table)
     if meta.get("rows") != [shard.first_row, shard.num_rows] or meta.get("shard") != shard.number:
         return None
-    if any(meta.get(k) != v for k, v in expected.items()):
+    if any(meta.get(k) != v for k, v in expected.items()) or COMPLEXITY_COLUMN not in table.column_names:
         return None
     if settings.calibration_fraction is not None:
         if SPLIT_COLUMN not in table.column_names:
@@ -297,6 +303,7 @@ class ShardFeatureWriter:
             {**self.file_metadata(), "shard": shard.number, "rows": [shard.first_row, shard.num_rows]},
             member_ids=feats.member_ids if s.group_size > 1 else None,
             split=split,
+            complexity_bits=feats.complexity_bits,
         )
         name = shard_file(shard.number)
         errors_file = storage.join(s.errors_uri, name)

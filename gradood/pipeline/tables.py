@@ -1,7 +1,7 @@
 """Parquet layouts of gradood's outputs: plain columns plus a JSON ``gradood`` schema-metadata entry, so
 pandas, pyarrow or duckdb read them without gradood.
 
-features/  id, row_index, n_rows, [member_ids], [split], log_prob, one float64 column
+features/  id, row_index, n_rows, [member_ids], [split], log_prob, complexity_bits, one float64 column
            ``sqnorm:<parameter name>`` per layer (squared gradient norm), metadata: layers, model
            fingerprint, group_size, seed, ...; ``split`` (fit-set features only): 0 fit, 1 and 2 calibration
 errors/    id, row_index, error
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gradood.stats.layout import LOG_PROB_COLUMN, log_features
+from gradood.stats.layout import COMPLEXITY_COLUMN, LOG_PROB_COLUMN, log_features
 
 SQNORM_PREFIX = "sqnorm:"
 METADATA_KEY = b"gradood"
@@ -43,6 +43,7 @@ def feature_table(
     metadata: dict[str, Any],
     member_ids: Sequence[Sequence[str]] | None = None,
     split: np.ndarray | None = None,
+    complexity_bits: np.ndarray | None = None,
 ) -> pa.Table:
     if sqnorms.shape != (len(ids), len(layer_names)):
         raise ValueError(f"sqnorms has shape {sqnorms.shape}, expected ({len(ids)}, {len(layer_names)})")
@@ -56,6 +57,8 @@ def feature_table(
     if split is not None:
         columns[SPLIT_COLUMN] = pa.array(np.asarray(split, np.int8))
     columns["log_prob"] = pa.array(np.asarray(log_prob, np.float64))
+    if complexity_bits is not None:
+        columns[COMPLEXITY_COLUMN] = pa.array(np.asarray(complexity_bits, np.float64))
     for j, layer in enumerate(layer_names):
         columns[sqnorm_column(layer)] = pa.array(np.ascontiguousarray(sqnorms[:, j], np.float64))
     table = pa.table(columns)
@@ -83,14 +86,25 @@ def sqnorm_matrix(columns: dict[str, np.ndarray] | pa.Table, layer_names: Sequen
 def feature_matrix(
     columns: dict[str, np.ndarray] | pa.Table, layer_names: Sequence[str], min_sqnorm: float
 ) -> np.ndarray:
-    """The detector suite's input ``[N, L + 1]``: log f_j per layer (floored at min_sqnorm), then log p."""
-    log_prob = columns["log_prob"] if isinstance(columns, dict) else columns.column("log_prob").to_numpy()
+    """The detector suite's input: log f_j per layer (floored at min_sqnorm), then log p, then the
+    complexity bits where the features have them (columns :func:`suite_feature_names`)."""
+    extra = suite_feature_names([], columns)
+    values = [columns[c] if isinstance(columns, dict) else columns.column(c).to_numpy() for c in extra]
     logs = log_features(sqnorm_matrix(columns, layer_names), min_sqnorm)
-    return np.column_stack([logs, np.asarray(log_prob, np.float64)])
+    return np.column_stack([logs, *(np.asarray(v, np.float64) for v in values)])
 
 
-def suite_feature_names(layer_names: Sequence[str]) -> list[str]:
-    return [*layer_names, LOG_PROB_COLUMN]
+#: the feature columns extraction writes after the layers' squared norms
+EXTRACTED_COLUMNS = (LOG_PROB_COLUMN, COMPLEXITY_COLUMN)
+
+
+def suite_feature_names(
+    layer_names: Sequence[str], columns: dict[str, np.ndarray] | pa.Table | None = None
+) -> list[str]:
+    """The names of :func:`feature_matrix`'s columns over ``columns``: the layers, ``log_prob``, and
+    ``complexity_bits`` where the table has it (extraction writes it; None: a table without it)."""
+    names = [] if columns is None else columns.keys() if isinstance(columns, dict) else columns.column_names
+    return [*layer_names, LOG_PROB_COLUMN, *([COMPLEXITY_COLUMN] if COMPLEXITY_COLUMN in names else [])]
 
 
 def error_table(errors: Sequence[tuple[str, int, str]]) -> pa.Table:

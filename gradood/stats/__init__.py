@@ -20,6 +20,7 @@ _MODULES = {
     "conformal_p_values": "conformal",
     "fdr_flags": "conformal",
     "q_values_from_index": "conformal",
+    "ComplexityCorrected": "ood_tests",
     "DiagonalGaussian": "ood_tests",
     "FisherLayers": "ood_tests",
     "GradNorm": "ood_tests",

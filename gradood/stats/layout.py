@@ -1,6 +1,7 @@
-"""The feature rows' layout: the log-norm columns every test reads, the log-likelihood column, and the
-held-out split. Extraction workers need these and nothing else of the statistics, so this module imports
-numpy only (scipy and scikit-learn would add about a second to every worker's start)."""
+"""The feature rows' layout: the log-norm columns every test reads, the log-likelihood column, the
+input-complexity column, and the held-out split. Extraction workers need these and nothing else of the
+statistics, so this module imports numpy (and PIL, for PNG sizes) only: scipy and scikit-learn would add
+about a second to every worker's start."""
 
 from __future__ import annotations
 
@@ -9,8 +10,48 @@ import numpy as np
 from gradood.core.checks import check_split
 from gradood.stats.moments import as_matrix, check_finite
 
-#: the last feature column, log p(x); the others are the layers' log-norms
+#: the feature column of log p(x) in nats (after the layers' log-norms)
 LOG_PROB_COLUMN = "log_prob"
+#: the optional feature column after log p(x): the input's PNG-compressed size in bits, a measure of its
+#: complexity (Serra et al. 2020: simple images get high likelihoods because they are simple)
+COMPLEXITY_COLUMN = "complexity_bits"
+
+
+def column_groups(names: list[str] | None, num_features: int) -> dict[str, np.ndarray]:
+    """Which columns of a feature matrix each kind of test reads: ``log_norms`` (the layers'), ``log_prob``,
+    ``all`` (both) and ``complexity`` (log p, then the complexity bits; empty without that column).
+
+    The layout is ``[log f_j ..., log_prob]`` or ``[log f_j ..., log_prob, complexity_bits]``; without
+    names (a plain matrix) it is the first, log p last.
+    """
+    if names is None or LOG_PROB_COLUMN not in names:
+        names = [f"x{j}" for j in range(num_features - 1)] + [LOG_PROB_COLUMN]
+    names = [str(n) for n in names]
+    tail = [LOG_PROB_COLUMN, COMPLEXITY_COLUMN] if COMPLEXITY_COLUMN in names else [LOG_PROB_COLUMN]
+    if len(names) != num_features or names[-len(tail) :] != tail or num_features < len(tail) + 1:
+        raise ValueError(
+            f"feature columns must be at least one log-norm, then {' and '.join(tail)} last; got "
+            f"{num_features} columns ending {names[-len(tail) :]}"
+        )
+    norms = np.arange(num_features - len(tail))
+    log_prob = np.array([num_features - len(tail)])
+    complexity = np.arange(num_features - 2, num_features) if len(tail) == 2 else np.zeros(0, np.int64)
+    return {"log_norms": norms, "log_prob": log_prob, "all": np.r_[norms, log_prob], "complexity": complexity}
+
+
+def png_bits(images: np.ndarray) -> np.ndarray:
+    """Bits of each uint8 ``[N, C, H, W]`` image losslessly compressed as PNG (zlib level 9): float64 [N]."""
+    import io
+
+    from PIL import Image
+
+    out = np.empty(len(images), np.float64)
+    for k, image in enumerate(np.asarray(images, np.uint8)):
+        buffer = io.BytesIO()
+        array = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=9)
+        out[k] = 8.0 * buffer.getbuffer().nbytes
+    return out
 
 
 def log_features(sqnorms: np.ndarray, min_sqnorm: float) -> np.ndarray:

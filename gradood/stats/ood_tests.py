@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from gradood.stats.moments import Moments
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -263,6 +263,21 @@ class NegLogLikelihood(OODTest):
         return -X.sum(axis=1)
 
 
+class ComplexityCorrected(OODTest):
+    """-log2 p(x) - L(x): the likelihood in bits minus the input's compressed size in bits (columns: log p
+    in nats, then L(x) from :func:`gradood.stats.layout.png_bits`); Serra et al. 2020's S(x).
+
+    A simple image (a digit, a glyph) has a high likelihood because it is simple, and a short PNG for the
+    same reason: subtracting L(x) leaves what the model finds surprising beyond the input's complexity.
+    Higher = more OOD; nothing to fit.
+    """
+
+    def _score(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        if X.shape[1] != 2:
+            raise ValueError(f"ComplexityCorrected reads log p and complexity bits, got {X.shape[1]} columns")
+        return -X[:, 0] / np.log(2.0) - X[:, 1]
+
+
 class GradNorm(OODTest):
     """log sum_j exp(x_j) over log-norm columns: the log squared norm of the whole gradient."""
 
@@ -272,7 +287,15 @@ class GradNorm(OODTest):
 
 TESTS: dict[str, type[OODTest]] = {
     cls.__name__: cls
-    for cls in (DiagonalGaussian, FisherLayers, ShrinkageGaussian, Typicality, NegLogLikelihood, GradNorm)
+    for cls in (
+        DiagonalGaussian,
+        FisherLayers,
+        ShrinkageGaussian,
+        Typicality,
+        NegLogLikelihood,
+        ComplexityCorrected,
+        GradNorm,
+    )
 }
 
 

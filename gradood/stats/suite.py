@@ -1,7 +1,8 @@
 """Every OOD test over one feature matrix, calibrated, and a combined test that is itself a valid p-value.
 
-Columns of the feature matrix: log f_j for each layer, then log p(x) last (named ``log_prob``). The
-held-out in-distribution rows are split three ways:
+Columns of the feature matrix: log f_j for each layer, then log p(x) (named ``log_prob``), then, where
+the features carry it, the input's compressed size in bits (``complexity_bits``, which the
+``complexity`` test needs). The held-out in-distribution rows are split three ways:
 
 - fit rows: every test's parameters (from merged :class:`Moments`, as the reducer streams them);
 - calibration part 1: each test's conformal p-value, and the smooth tails the combination uses;
@@ -27,10 +28,11 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from gradood.core.choices import TestName
 from gradood.stats.adaptive import AdaptiveNight, CalibrationTails
 from gradood.stats.conformal import Combination, CombinedTest, ConformalCalibrator, EqualTailedCalibrator
-from gradood.stats.layout import LOG_PROB_COLUMN, check_split, split_of
+from gradood.stats.layout import COMPLEXITY_COLUMN, check_split, column_groups, split_of
 from gradood.stats.moments import Moments
 from gradood.stats.ood_tests import (
     FORMAT_VERSION,
+    ComplexityCorrected,
     DiagonalGaussian,
     FisherLayers,
     GradNorm,
@@ -42,7 +44,7 @@ from gradood.stats.ood_tests import (
     ood_test_from_dict,
 )
 
-#: which columns each test reads: the layers' log-norms, log p(x), or both
+#: which columns each test reads (:func:`gradood.stats.layout.column_groups`)
 _COLUMNS = {
     TestName.paper: "log_norms",
     TestName.fullcov: "all",
@@ -50,6 +52,7 @@ _COLUMNS = {
     TestName.gradnorm: "log_norms",
     TestName.typicality: "log_prob",
     TestName.nll: "log_prob",
+    TestName.complexity: "complexity",
 }
 
 _TEST_CLASSES: dict[TestName, type[OODTest]] = {
@@ -59,6 +62,7 @@ _TEST_CLASSES: dict[TestName, type[OODTest]] = {
     TestName.gradnorm: GradNorm,
     TestName.typicality: Typicality,
     TestName.nll: NegLogLikelihood,
+    TestName.complexity: ComplexityCorrected,
 }
 
 
@@ -67,16 +71,6 @@ def tail_names(test: TestName | str) -> list[str]:
     two-sided test (for typicality: less likely than typical, more likely than typical)."""
     name = TestName(test)
     return [f"{name.value}:high", f"{name.value}:low"] if _TEST_CLASSES[name].two_sided else [name.value]
-
-
-#: the columns of :meth:`DetectorSuite.tails` (and of the saved calibration tails): every one-sided
-#: tail of every test, so the adaptive classifier sees "too likely" apart from "too unlikely"
-TAIL_ORDER = [tail for t in TestName for tail in tail_names(t)]
-
-
-def tail_columns(test: TestName | str) -> list[int]:
-    """The columns of :data:`TAIL_ORDER` that hold ``test``'s tails."""
-    return [TAIL_ORDER.index(tail) for tail in tail_names(test)]
 
 
 #: the tests that drop layers whose log-norm std is below min_std
@@ -135,10 +129,7 @@ class DetectorSuite(BaseEstimator):
     ) -> DetectorSuite:
         """Fit from merged moments of the fit rows and the two calibration parts' feature rows (part 2's
         row ids pick its rows that train an adaptive night; positions when not given)."""
-        if len(feature_names) != moments.num_features or feature_names[-1] != LOG_PROB_COLUMN:
-            raise ValueError(
-                f"feature names must be the {moments.num_features} columns, {LOG_PROB_COLUMN} last"
-            )
+        column_groups(list(feature_names), moments.num_features)  # the layout, checked
         self.n_features_in_ = moments.num_features
         self.feature_names_in_ = np.asarray(feature_names, dtype=object)
         ids = calibration_2_ids or [str(i) for i in range(len(calibration_2))]
@@ -161,10 +152,15 @@ class DetectorSuite(BaseEstimator):
             raise ValueError("both calibration parts need at least one row")
         if len(cal_2_ids) != len(cal_2):
             raise ValueError(f"{len(cal_2_ids)} ids for {len(cal_2)} rows of calibration part 2")
-        d = moments.num_features
+        groups = column_groups(None if names is None else list(names), moments.num_features)
+        missing = [c for c in components if not len(groups[_COLUMNS[c]])]
+        if missing:
+            raise ValueError(f"component test(s) {missing} need the {COMPLEXITY_COLUMN} feature column")
         self.tests_ = {}
         for name in TestName:
-            cols = self._columns(name, d)
+            cols = groups[_COLUMNS[name]]
+            if not len(cols):  # complexity, without its column
+                continue
             test = _make_test(name, self.min_std)
             self.tests_[name.value] = test.fit_moments(
                 moments.select(cols), None if names is None else [str(n) for n in names[cols]]
@@ -178,22 +174,34 @@ class DetectorSuite(BaseEstimator):
         }
         self.combined_calibrator_ = self._combined_test().calibrate(self._components_of(cal_2)).calibrator
         self.calibration_tails_ = CalibrationTails(
-            TAIL_ORDER, self.tails(cal_1), self.tails(cal_2), [str(i) for i in cal_2_ids]
+            self.tail_order, self.tails(cal_1), self.tails(cal_2), [str(i) for i in cal_2_ids]
         )
         self.n_fit_, self.n_calibration_ = moments.count, (len(cal_1), len(cal_2))
         return self
 
-    @staticmethod
-    def _columns(name: TestName, d: int) -> np.ndarray:
-        kind = _COLUMNS[name]
-        if d < 2:
-            raise ValueError(f"need at least one log-norm column and {LOG_PROB_COLUMN}, got {d} feature(s)")
-        return {"log_norms": np.arange(d - 1), "log_prob": np.array([d - 1]), "all": np.arange(d)}[kind]
+    def _column_groups(self) -> dict[str, np.ndarray]:
+        names = getattr(self, "feature_names_in_", None)
+        return column_groups(None if names is None else list(names), self.n_features_in_)
+
+    @property
+    def tail_order(self) -> list[str]:
+        """The columns of :meth:`tails` (and of the saved calibration tails): every one-sided tail of
+        every fitted test, so the adaptive classifier sees "too likely" apart from "too unlikely"."""
+        return [tail for name in self._fitted_tests() for tail in tail_names(name)]
+
+    def _fitted_tests(self) -> list[str]:
+        """The fitted single tests in :class:`TestName` order (a loaded suite's dict is in file order)."""
+        return [t.value for t in TestName if t.value in self.tests_]
+
+    def tail_columns(self, test: TestName | str) -> list[int]:
+        """The columns of :attr:`tail_order` that hold ``test``'s tails."""
+        order = self.tail_order
+        return [order.index(tail) for tail in tail_names(test)]
 
     # -- scoring ------------------------------------------------------------------------------
     def _statistic(self, name: str, X: np.ndarray) -> np.ndarray:  # noqa: N803
         # X was validated by the suite already; the single tests see plain column slices of it
-        return self.tests_[name].statistic_of(X[:, self._columns(TestName(name), X.shape[1])])
+        return self.tests_[name].statistic_of(X[:, self._column_groups()[_COLUMNS[TestName(name)]]])
 
     def _score_of(self, name: str, statistic: np.ndarray) -> np.ndarray:
         if self.tests_[name].two_sided:  # ordered like its equal-tailed p-value
@@ -210,12 +218,12 @@ class DetectorSuite(BaseEstimator):
         return self._score_of(name, self._statistic(name, self._checked(X)))
 
     def tails(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        """-log p~ of every one-sided tail (columns in :data:`TAIL_ORDER`) for validated rows ``X``."""
+        """-log p~ of every one-sided tail (columns in :attr:`tail_order`) for validated rows ``X``."""
         return self._tails({t: self._statistic(t, X) for t in self.tests_}, len(X))
 
     def _tails(self, statistics: dict[str, np.ndarray], n: int) -> np.ndarray:
-        columns = [self.calibrators_[t.value].side_smooth_log_p(statistics[t.value]) for t in TestName]
-        return -np.hstack(columns).reshape(n, len(TAIL_ORDER))
+        columns = [self.calibrators_[t].side_smooth_log_p(statistics[t]) for t in self._fitted_tests()]
+        return -np.hstack(columns).reshape(n, len(self.tail_order))
 
     def _combined_test(self) -> CombinedTest:
         # an adaptive suite's fixed combined test is Fisher's: the adaptive one is fitted per night
@@ -235,7 +243,7 @@ class DetectorSuite(BaseEstimator):
         """The adaptive combined test of one night, trained on ``night_tails`` (the tails of the night's
         rows that :func:`gradood.stats.adaptive.training_mask` picked at ``rate``)."""
         check_is_fitted(self)
-        columns = [tail_columns(c) for c in self.components]
+        columns = [self.tail_columns(c) for c in self.components]
         return AdaptiveNight(self.calibration_tails_, columns).fit(night_tails, rate, seed)
 
     def _checked(self, X: Any) -> np.ndarray:  # noqa: N803
@@ -290,7 +298,7 @@ class DetectorSuite(BaseEstimator):
         tails = self._tails(statistics, len(X))
         stat = night.statistic(tails)
         out["combined"] = {"score": stat, "p_index": night.calibrator_.p_index(stat)}
-        out["driver"] = np.asarray(TAIL_ORDER, dtype=object)[np.argmax(tails, axis=1)]
+        out["driver"] = np.asarray(self.tail_order, dtype=object)[np.argmax(tails, axis=1)]
         return out
 
     def calibration_size(self, test: str) -> int:
@@ -306,7 +314,7 @@ class DetectorSuite(BaseEstimator):
         """Per row, the ``k`` kept layers of the paper's test with the largest |z| and their signed z."""
         X = self._checked(X)
         paper = self.tests_[TestName.paper.value]
-        z = paper.zscores_of(X[:, : X.shape[1] - 1])
+        z = paper.zscores_of(X[:, self._column_groups()["log_norms"]])
         k = min(k, z.shape[1])
         all_names = getattr(paper, "feature_names_in_", None)
         if all_names is None:
@@ -346,7 +354,7 @@ class DetectorSuite(BaseEstimator):
         suite.calibrators_ = {name: ConformalCalibrator.from_dict(c) for name, c in d["calibration"].items()}
         suite.combined_calibrator_ = ConformalCalibrator.from_dict(d["combined_calibration"])
         suite.calibration_tails_ = CalibrationTails.from_dict(d["calibration_tails"])
-        if suite.calibration_tails_.tests != TAIL_ORDER:
+        if suite.calibration_tails_.tests != suite.tail_order:
             found = suite.calibration_tails_.tests
-            raise ValueError(f"calibration tails of tests {found}, expected {TAIL_ORDER}")
+            raise ValueError(f"calibration tails of tests {found}, expected {suite.tail_order}")
         return suite

@@ -37,13 +37,14 @@ AUROC_COLUMNS = {  # test -> column title, B=1 then B=5
     "paper": "paper",
     "typicality": "typicality",
     "fullcov": "fullcov",
+    "complexity": "complexity",
 }
 B5_COLUMNS = {"combined": "B=5 combined", "paper": "B=5 paper", "typicality": "B=5 typicality"}
 TEST_TITLES = {
     "combined": "combined (default, adaptive)",
     "combined_fisher": "combined, fixed Fisher",
     "combined_tippett": "combined, Tippett",
-    "combined_all": "combined, all six",
+    "combined_all": "combined, all seven",
     "bergamin": "Bergamin et al.",
 }
 

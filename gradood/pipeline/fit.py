@@ -19,6 +19,7 @@ import gradood
 from gradood.config import ScoreCorpusConfig
 from gradood.core import storage
 from gradood.core.progress import progress
+from gradood.data.base import CorpusSource
 from gradood.data.sources import open_source
 from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
@@ -73,6 +74,36 @@ def check_detector(detector: dict[str, Any], fingerprint: str, group_size: int, 
         )
 
 
+def fit_set_warnings(model_meta: dict[str, Any], source: CorpusSource) -> list[str]:
+    """Refuse a fit set that holds rows the model trained on; warn when it is not the model's training
+    source (the detector then calls in-distribution what resembles the fit set, not the training data).
+
+    The training rows are those the checkpoint records (``model.json``: ``training.data``, the source's
+    uri, first row and row count)."""
+    data = (model_meta.get("training") or {}).get("data")
+    if not data or "uri" not in data:
+        return [
+            f"the checkpoint does not record its training data, so the fit set {source.uri} cannot be "
+            "checked against it: make sure the model never trained on these rows"
+        ]
+    if data["uri"] != source.uri:
+        return [
+            f"the fit set {source.uri} is not the source the model trained on ({data['uri']}): the "
+            "detector learns in-distribution from the fit set, so fit it on held-out rows of the "
+            "model's own training source (fit.uri, fit.start, fit.size) unless these are such rows"
+        ]
+    trained = (int(data.get("start") or 0), int(data.get("start") or 0) + int(data["num_rows"]))
+    fit = (source.start, source.start + source.num_rows())
+    if max(trained[0], fit[0]) < min(trained[1], fit[1]):
+        raise ValueError(
+            f"fit rows {fit[0]}-{fit[1] - 1} of {source.uri} include rows "
+            f"{max(trained[0], fit[0])}-{min(trained[1], fit[1]) - 1} that the model trained on (it trained "
+            f"on rows {trained[0]}-{trained[1] - 1}, model.json training.data): calibration rows must be "
+            "held out, so choose fit.start and fit.size outside them"
+        )
+    return []
+
+
 def start_reducer(num_features: int) -> ray.actor.ActorHandle:
     # no restarts: a restarted actor would come back empty; the driver recomputes from Parquet instead
     return ray.remote(FitReducer).options(num_cpus=0, max_restarts=0).remote(num_features)
@@ -104,6 +135,9 @@ def fit_detector(
     cfg: ScoreCorpusConfig, out: str, weights: bytes, model_meta: dict[str, Any], layer_names: list[str]
 ) -> dict[str, Any]:
     source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=cfg.fit.size)
+    warnings = fit_set_warnings(model_meta, source)
+    for warning in warnings:
+        progress(f"WARNING: {warning}")
     reducer = start_reducer(len(layer_names) + len(EXTRACTED_COLUMNS))
     fit_out = storage.join(out, "fit")
 
@@ -171,6 +205,7 @@ def fit_detector(
             "n_fit_rows": int(moments.count),
             "n_calibration_rows": list(suite.n_calibration_),
             "n_incomplete_sets": incomplete,
+            "warnings": warnings,
         },
         "layers": layer_names,
         "dropped_layers": dropped,

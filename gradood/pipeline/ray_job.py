@@ -179,6 +179,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
         "fdr": cfg.flag.fdr,
         "fdr_method": cfg.flag.method.value,
         "prevalence_floor": flag_floor(detector, cfg, scores.complete_sets),
+        "warnings": list(detector["fit"].get("warnings", [])),
         "drift": scores.drift,
         "top10": [row["id"] for row in scores.top[:10]],
         "seconds": {  # wall-clock per stage; "extract" includes planning the shards

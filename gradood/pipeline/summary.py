@@ -66,6 +66,8 @@ def demo_report(scores: pa.Table, test: str) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
+    for warning in summary.get("warnings", []):
+        progress(f"WARNING: {warning}")
     progress(
         f"scored {summary['scored']} + rejected {summary['rejected']} = {summary['inputs']} inputs "
         f"({summary['feature_rows']} feature rows, group_size {summary['group_size']}) -> {summary['output']}"

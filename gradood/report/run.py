@@ -159,4 +159,8 @@ def render_run_report(
         f"this run's conformal p-values at a false-discovery rate of {summary['fdr']:g}: of the flagged "
         "rows at most that share is expected to be in-distribution.</p>"
     )
+    warnings = summary.get("warnings") or []
+    if warnings:
+        items = "".join(f"<li>{html.escape(str(w))}</li>" for w in warnings)
+        intro += f'<div style="border:2px solid #c00;padding:.5em"><b>Warning</b><ul>{items}</ul></div>'
     return html_page(f"gradood screening report {summary['run_id']}", sections, intro=intro)

@@ -4,7 +4,9 @@ Layout under ``output.uri``::
 
     runs/<run id>/          one run: features/, errors/, scores/, summary.json, report.html, run.yaml
     runs/<run id>/_SUCCESS  written last: a run without it is incomplete, whatever files it holds
-    runs.json               the top-level view: every published run, newest last (rewritten atomically)
+    runs/<run id>/_LEASE    held while a run of that id is in progress (:mod:`gradood.pipeline.lease`)
+    runs.json               the top-level view: every published run, newest last (rewritten atomically,
+                            under the ``_runs.json.lease`` lease, so concurrent runs lose no entry)
     manifest/run_id=<id>/   the inputs a run scored (uri, size, mtime), read by incremental runs once
                             the run is published; written by the listing tasks, before extraction
                             (``run_id=<id>.parquet``, one file, as earlier versions wrote it, is read too)
@@ -26,9 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradood.core import storage
+from gradood.pipeline.lease import INDEX_LEASE, Lease
 
 SUCCESS = "_SUCCESS"
 INDEX = "runs.json"
+#: seconds after which a runs.json lease without a heartbeat is a dead writer's
+INDEX_LEASE_TIMEOUT_S = 60.0
 
 
 def default_run_id() -> str:
@@ -50,14 +55,20 @@ def _write_index(out: str, runs: list[dict[str, Any]]) -> None:
     storage.write_json(storage.join(out, INDEX), {"runs": runs})
 
 
+def index_lease(out: str) -> Lease:
+    """The short lease every update of runs.json holds, so two runs publishing at once both land."""
+    return Lease(storage.join(out, INDEX_LEASE), "runs.json", timeout_s=INDEX_LEASE_TIMEOUT_S, wait_s=300)
+
+
 def unpublish(out: str, run_id: str) -> None:
     """Take a run out of the view before it is rewritten (no-op for a new run id)."""
     marker = storage.join(run_dir(out, run_id), SUCCESS)
     if storage.exists(marker):
         storage.delete_file(marker)
-    runs = _index(out)
-    if any(r["run_id"] == run_id for r in runs):
-        _write_index(out, [r for r in runs if r["run_id"] != run_id])
+    if not any(r["run_id"] == run_id for r in _index(out)):
+        return
+    with index_lease(out):
+        _write_index(out, [r for r in _index(out) if r["run_id"] != run_id])
 
 
 def publish(out: str, run_id: str, summary: dict[str, Any]) -> None:
@@ -69,7 +80,8 @@ def publish(out: str, run_id: str, summary: dict[str, Any]) -> None:
         **{k: summary[k] for k in ("inputs", "scored", "rejected", "skipped", "flagged")},
     }
     storage.write_json(storage.join(run_dir(out, run_id), SUCCESS), entry)
-    _write_index(out, [r for r in _index(out) if r["run_id"] != run_id] + [entry])
+    with index_lease(out):
+        _write_index(out, [r for r in _index(out) if r["run_id"] != run_id] + [entry])
 
 
 def published_runs(out: str) -> list[str]:

@@ -26,6 +26,7 @@ from gradood.features import feature_layer_names
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, model_from_bytes
 from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
+from gradood.pipeline.lease import RUN_LEASE, Lease
 from gradood.pipeline.plan import stage_listing
 from gradood.pipeline.publish import (
     clear_manifest,
@@ -112,11 +113,17 @@ def corpus_source(cfg: ScoreCorpusConfig, out: str, run_id: str) -> CorpusSource
 
 
 def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
-    """One run into its own partition ``output.uri/runs/<run.id>``, published when complete."""
-    t_start = time.perf_counter()
+    """One run into its own partition ``output.uri/runs/<run.id>``, published when complete; it holds
+    the run's lease throughout, so a second run of the same id refuses, naming the holder."""
     out = storage.absolute(cfg.output.uri)
     run_id = cfg.run.id or default_run_id()
     run_uri = run_dir(out, run_id)
+    with Lease(storage.join(run_uri, RUN_LEASE), f"run {run_id}", cfg.run.lease_timeout_s) as lease:
+        return _score_run(cfg, out, run_id, run_uri, lease)
+
+
+def _score_run(cfg: ScoreCorpusConfig, out: str, run_id: str, run_uri: str, lease: Lease) -> dict[str, Any]:
+    t_start = time.perf_counter()
     unpublish(out, run_id)
     storage.makedirs(run_uri)
     storage.write_text(storage.join(run_uri, "run.yaml"), to_yaml(cfg))
@@ -199,6 +206,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     storage.write_json(storage.join(run_uri, "summary.json"), summary)
     converter = ImageConverter.for_model(model, **dataclasses.asdict(cfg.image))
     write_run_report(run_uri, summary, scores, source, converter, cfg.run.report_top_k)
+    lease.check()  # a run presumed dead and taken over must not publish over its successor
     publish(out, run_id, summary)
     print_summary(summary)
     return summary

@@ -213,7 +213,7 @@ class RunConfig:
     #: seconds an extraction stage may go without finishing a shard before the run fails, naming the
     #: stage (a rerun resumes from the finished shards); null or 0: wait forever
     stall_timeout_s: float | None = 1800.0
-    #: a run holds a lease on its run id (runs/<id>/_LEASE, heartbeat every quarter of this); a second
+    #: a run holds a lease on its run id (leases/<id>.json, heartbeat every quarter of this); a second
     #: run of the same id refuses while the holder's heartbeat is younger than this many seconds, and
     #: takes the lease over after that
     lease_timeout_s: float = 600.0

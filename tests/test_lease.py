@@ -6,12 +6,21 @@ from __future__ import annotations
 import threading
 import time
 
+import pyarrow as pa
 import pytest
 
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.core import storage
-from gradood.pipeline.lease import Lease, LeaseHeld
-from gradood.pipeline.publish import INDEX, publish, run_dir, unpublish
+from gradood.pipeline.lease import Lease, LeaseHeld, runs_in_progress
+from gradood.pipeline.publish import (
+    INDEX,
+    manifest_uri,
+    publish,
+    run_dir,
+    seen_manifests,
+    unpublish,
+    write_manifest,
+)
 from gradood.pipeline.ray_job import run_score_corpus
 
 COUNTS = {"inputs": 1, "scored": 1, "rejected": 0, "skipped": 0, "flagged": 0}
@@ -99,8 +108,24 @@ def test_runs_publishing_at_once_all_land_in_runs_json(tmp_path):
 def test_the_job_refuses_a_run_id_another_run_holds(tmp_path):
     out = tmp_path / "out"
     cfg = load_config(ScoreCorpusConfig, [], [f"output.uri={out}", "run.id=2026-12-06"])
-    uri = str(out / "runs" / "2026-12-06" / "_LEASE")
+    uri = str(out / "leases" / "2026-12-06.json")
     with Lease(uri, "run 2026-12-06", timeout_s=600):
         with pytest.raises(LeaseHeld, match="run 2026-12-06 is held by"):
             run_score_corpus(cfg)  # refused before anything is written or Ray starts
     assert not (out / "runs" / "2026-12-06" / "run.yaml").exists()
+
+
+def test_a_night_started_while_another_runs_skips_that_runs_inputs(tmp_path):
+    out = str(tmp_path)
+    files = pa.table({"uri": ["/lake/a.png"], "size": [1], "mtime_ns": [1]})
+    for run_id in ("tonight", "crashed", "published"):
+        write_manifest(out, run_id, files)
+    storage.makedirs(run_dir(out, "published"))
+    publish(out, "published", COUNTS)
+    dead = {"owner": "cron", "host": "h", "pid": 1, "token": "t", "heartbeat": 0.0, "timeout_s": 600}
+    storage.write_json(storage.join(out, "leases", "crashed.json"), dead)
+    with Lease.for_run(out, "tonight", 600):
+        assert runs_in_progress(out) == ["tonight"]
+        assert seen_manifests(out, "tomorrow") == [manifest_uri(out, r) for r in ("published", "tonight")]
+        assert seen_manifests(out, "tonight") == [manifest_uri(out, "published")]  # its own rerun
+    assert runs_in_progress(out) == [] and seen_manifests(out, "tomorrow") == [manifest_uri(out, "published")]

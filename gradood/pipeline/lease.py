@@ -25,8 +25,8 @@ import pyarrow.fs as pafs
 
 from gradood.core import storage
 
-#: the lease object of a run, in its partition
-RUN_LEASE = "_LEASE"
+#: the folder of the runs' leases under output.uri (one listing finds the runs in progress)
+LEASES = "leases"
 #: the lease that serialises updates of runs.json
 INDEX_LEASE = "_runs.json.lease"
 
@@ -37,6 +37,19 @@ class LeaseHeld(RuntimeError):
 
 def _now() -> float:
     return time.time()
+
+
+def runs_in_progress(out: str) -> list[str]:
+    """Ids of the runs under ``out`` whose lease is alive (a heartbeat younger than its timeout)."""
+    running = []
+    for uri in storage.list_files(storage.join(out, LEASES), ".json"):
+        try:
+            record = storage.read_json(uri)
+        except (FileNotFoundError, OSError, ValueError):  # released meanwhile, or being created
+            continue
+        if _now() - float(record.get("heartbeat", 0)) < float(record.get("timeout_s", 0)):
+            running.append(uri.rsplit("/", 1)[1].removesuffix(".json"))
+    return running
 
 
 class Lease:
@@ -134,6 +147,11 @@ class Lease:
         current = self.holder()
         if current is not None and current.get("token") == self.token:
             storage.delete_file(self.uri)
+
+    @classmethod
+    def for_run(cls, out: str, run_id: str, timeout_s: float) -> Lease:
+        """The lease of run ``run_id`` under ``out``."""
+        return cls(storage.join(out, LEASES, f"{run_id}.json"), f"run {run_id}", timeout_s)
 
     def __enter__(self) -> Lease:
         return self.acquire()

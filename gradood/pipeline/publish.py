@@ -4,12 +4,12 @@ Layout under ``output.uri``::
 
     runs/<run id>/          one run: features/, errors/, scores/, summary.json, report.html, run.yaml
     runs/<run id>/_SUCCESS  written last: a run without it is incomplete, whatever files it holds
-    runs/<run id>/_LEASE    held while a run of that id is in progress (:mod:`gradood.pipeline.lease`)
     runs.json               the top-level view: every published run, newest last (rewritten atomically,
                             under the ``_runs.json.lease`` lease, so concurrent runs lose no entry)
     manifest/run_id=<id>/   the inputs a run scored (uri, size, mtime), read by incremental runs once
                             the run is published; written by the listing tasks, before extraction
                             (``run_id=<id>.parquet``, one file, as earlier versions wrote it, is read too)
+    leases/<run id>.json    held while a run of that id is in progress (:mod:`gradood.pipeline.lease`)
     detector.json, fit/     the detector, shared by every run (reused while its settings match)
 
 A run first unpublishes its own id (removes ``_SUCCESS`` and its ``runs.json`` entry), so a reader or
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradood.core import storage
-from gradood.pipeline.lease import INDEX_LEASE, Lease
+from gradood.pipeline.lease import INDEX_LEASE, Lease, runs_in_progress
 
 SUCCESS = "_SUCCESS"
 INDEX = "runs.json"
@@ -112,9 +112,11 @@ def write_manifest(out: str, run_id: str, inputs: pa.Table) -> None:
 
 
 def seen_manifests(out: str, except_run: str) -> list[str]:
-    """Manifests of every published run but ``except_run`` (a rerun of a night selects as before)."""
+    """Manifests of every published run but ``except_run`` (a rerun of a night selects as before), and
+    of every run in progress, so a night started while another still runs does not score its files
+    again (should that run fail, the night after it finds them unscored and picks them up)."""
     found = []
-    for run in sorted(set(published_runs(out)) - {except_run}):
+    for run in sorted((set(published_runs(out)) | set(runs_in_progress(out))) - {except_run}):
         for uri in (manifest_uri(out, run), f"{manifest_uri(out, run)}.parquet"):
             if storage.exists(uri):
                 found.append(uri)

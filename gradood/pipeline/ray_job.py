@@ -26,7 +26,7 @@ from gradood.features import feature_layer_names
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, model_from_bytes
 from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.fit import check_detector, load_or_fit_detector
-from gradood.pipeline.lease import RUN_LEASE, Lease
+from gradood.pipeline.lease import Lease
 from gradood.pipeline.plan import stage_listing
 from gradood.pipeline.publish import (
     clear_manifest,
@@ -118,7 +118,7 @@ def run_score_corpus(cfg: ScoreCorpusConfig) -> dict[str, Any]:
     out = storage.absolute(cfg.output.uri)
     run_id = cfg.run.id or default_run_id()
     run_uri = run_dir(out, run_id)
-    with Lease(storage.join(run_uri, RUN_LEASE), f"run {run_id}", cfg.run.lease_timeout_s) as lease:
+    with Lease.for_run(out, run_id, cfg.run.lease_timeout_s) as lease:
         return _score_run(cfg, out, run_id, run_uri, lease)
 
 

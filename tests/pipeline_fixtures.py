@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from gradood.config import DetectConfig
 from gradood.data.fashion_mnist import load_fashion_mnist
 from gradood.data.images import ImageConverter
 from gradood.data.sources import load_all, open_source
@@ -52,6 +54,12 @@ def write_png_folder(directory: Path, n_id: int = 12, n_ood: int = 6, corrupt: b
     return directory
 
 
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
+
+
 def reference_scores(
     checkpoint_model: Glow,
     fit_uri: str,
@@ -76,20 +84,25 @@ def reference_scores(
         )
         g = groups.numpy()
         log_prob = np.bincount(g, weights=res.log_prob) / np.bincount(g)
+        png = [8.0 * len(_png(image[0])) for image in rows.images]  # the input's size as a PNG, in bits
+        bits = np.bincount(g, weights=png) / np.bincount(g)
         first = [int(np.flatnonzero(g == k)[0]) for k in range(g.max() + 1)]
         ids = [rows.ids[i] if group_size == 1 else group_id(int(global_groups[i])) for i in first]
-        matrix = np.column_stack([log_features(res.sqnorms, 1e-30), log_prob])
+        matrix = np.column_stack([log_features(res.sqnorms, 1e-30), log_prob, bits])
         return ids, matrix, res.layer_names, np.bincount(g)
 
     fit_ids, fit_x, names, _ = features(fit_uri, fit_size)
     part = split_of(row_uniforms(seed, fit_ids, SPLIT_STREAM), calibration_fraction, part_2_fraction)
     suite = DetectorSuite(
-        calibration_fraction=calibration_fraction, part_2_fraction=part_2_fraction, combination="adaptive"
+        components=tuple(c.value for c in DetectConfig().components),  # the job's default
+        calibration_fraction=calibration_fraction,
+        part_2_fraction=part_2_fraction,
+        combination="adaptive",
     ).fit_parts(
         Moments.from_values(fit_x[part == 0]),
         fit_x[part == 1],
         fit_x[part == 2],
-        [*names, "log_prob"],
+        [*names, "log_prob", "complexity_bits"],
         [i for i, k in zip(fit_ids, part, strict=True) if k == 2],
     )
     ids, x, _, sizes = features(corpus_uri, None)
@@ -103,7 +116,8 @@ def reference_scores(
             "p_value": results["combined"]["p_index"][k] / (suite.calibration_size("combined") + 1),
             "score:typicality": results["typicality"]["score"][k],
             "score:paper": results["paper"]["score"][k],
-            "log_prob": x[k, -1],
+            "score:complexity": results["complexity"]["score"][k],
+            "log_prob": x[k, -2],
         }
     return out
 

@@ -40,7 +40,7 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
 
     metrics = pq.read_table(out / "metrics.parquet").to_pandas()
     tests = {"combined", "paper", "fullcov", "fisher_layers", "gradnorm", "typicality", "nll"}
-    tests |= {"combined_fisher", "combined_tippett", "combined_all", "bergamin"}
+    tests |= {"complexity", "combined_fisher", "combined_tippett", "combined_all", "bergamin"}
     assert set(metrics["test"]) == tests
     assert set(metrics["source"]) == {"digits", "fashion_mnist_vflip", "glyphs", "mnist"}
     assert len(metrics) == 2 * 4 * len(tests)  # group sizes x sources x tests

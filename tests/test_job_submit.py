@@ -110,7 +110,7 @@ def test_ray_job_submit_runs_the_job(ray_head, tmp_path):
         "train.if_missing=false",
         "run.id=2026-11-23",
     ]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while True:  # the head's job agent registers a few seconds after `ray start` returns
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr

@@ -3,6 +3,10 @@ and runs publishing at once all land in runs.json; on local disk and on the loca
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -129,3 +133,20 @@ def test_a_night_started_while_another_runs_skips_that_runs_inputs(tmp_path):
         assert seen_manifests(out, "tomorrow") == [manifest_uri(out, r) for r in ("published", "tonight")]
         assert seen_manifests(out, "tonight") == [manifest_uri(out, "published")]  # its own rerun
     assert runs_in_progress(out) == [] and seen_manifests(out, "tomorrow") == [manifest_uri(out, "published")]
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    uri = str(tmp_path / "leases" / "night.json")
+    record = {"owner": "me", "host": socket.gethostname(), "pid": int(gone.stdout), "token": "killed"}
+    storage.write_json(uri, {**record, "heartbeat": time.time(), "timeout_s": 600})
+    assert runs_in_progress(str(tmp_path)) == []
+    with Lease(uri, "run night", timeout_s=600, settle_s=0.01) as lease:
+        assert storage.read_json(uri)["token"] == lease.token
+    alive = {**record, "pid": os.getppid(), "heartbeat": time.time(), "timeout_s": 600}  # pytest's parent
+    storage.write_json(uri, alive)
+    assert runs_in_progress(str(tmp_path)) == ["night"]
+    with pytest.raises(LeaseHeld):
+        Lease(uri, "run night", timeout_s=600, settle_s=0.01).acquire()

@@ -90,7 +90,7 @@ def test_job_matches_in_process_reference(local_ray, workspace, tmp_path, capsys
     ref = reference_scores(model, FIT_URI, 40, str(workspace["corpus"]), seed=0)
     assert sorted(r["id"] for r in scores) == sorted(ref)
     for r in scores:
-        for key in ("ood_score", "score:typicality", "score:paper", "log_prob"):
+        for key in ("ood_score", "score:typicality", "score:paper", "score:complexity", "log_prob"):
             assert r[key] == pytest.approx(ref[r["id"]][key], rel=1e-4, abs=1e-3), key
         assert r["p_value"] == ref[r["id"]]["p_value"]
         assert len(r["top_layers"]) == 3 and len(r["top_z"]) == 3

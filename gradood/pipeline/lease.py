@@ -2,7 +2,8 @@
 
 A lease is a small JSON object (owner, host, pid, a random token, the last heartbeat) next to what it
 guards. A holder renews its heartbeat every ``timeout_s / 4`` seconds on a thread; a lease whose
-heartbeat is older than ``timeout_s`` belongs to a dead holder and is taken over. Taking a lease is a
+heartbeat is older than ``timeout_s``, or whose holder was a process of this host that is gone, belongs
+to a dead holder and is taken over. Taking a lease is a
 write followed by a read-back after ``settle_s``: whoever's token is there then holds it. On local disk
 the first write is an exclusive create (two processes cannot both create the file); on an object store,
 which has no such write here, the read-back after the settle delay decides between writers that raced
@@ -39,6 +40,22 @@ def _now() -> float:
     return time.time()
 
 
+def holder_alive(record: dict[str, Any], timeout_s: float) -> bool:
+    """A heartbeat younger than ``timeout_s``, unless the holder was a process of this host that no
+    longer exists (a killed driver's lease is taken over at once, not after the timeout)."""
+    if _now() - float(record.get("heartbeat", 0)) >= timeout_s:
+        return False
+    if record.get("host") != socket.gethostname() or record.get("pid") == os.getpid():
+        return True
+    try:
+        os.kill(int(record.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):  # someone else's process, or no pid recorded
+        return True
+    return True
+
+
 def runs_in_progress(out: str) -> list[str]:
     """Ids of the runs under ``out`` whose lease is alive (a heartbeat younger than its timeout)."""
     running = []
@@ -47,7 +64,7 @@ def runs_in_progress(out: str) -> list[str]:
             record = storage.read_json(uri)
         except (FileNotFoundError, OSError, ValueError):  # released meanwhile, or being created
             continue
-        if _now() - float(record.get("heartbeat", 0)) < float(record.get("timeout_s", 0)):
+        if holder_alive(record, float(record.get("timeout_s", 0))):
             running.append(uri.rsplit("/", 1)[1].removesuffix(".json"))
     return running
 
@@ -97,7 +114,7 @@ class Lease:
     def _try_take(self) -> dict[str, Any] | None:
         """None when taken; else the live holder's record."""
         current = self.holder()
-        if current is not None and _now() - float(current.get("heartbeat", 0)) < self.timeout_s:
+        if current is not None and holder_alive(current, self.timeout_s):
             return current
         fs, path = storage.filesystem(self.uri)
         if current is None and isinstance(fs, pafs.LocalFileSystem):

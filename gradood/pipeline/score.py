@@ -231,9 +231,11 @@ def _numpy_columns(table: pa.Table) -> dict[str, np.ndarray]:
 def empty_scores(detector: dict[str, Any], cfg: ScoreCorpusConfig, night: AdaptiveNight | None) -> pa.Table:
     """The scores schema with no rows (what a night whose every input was rejected publishes)."""
     from gradood.pipeline.tables import feature_table
+    from gradood.stats.layout import COMPLEXITY_COLUMN
 
     layers = detector["layers"]
-    empty = feature_table([], [], [], [], np.zeros((0, len(layers))), layers, {})
+    bits = np.zeros(0) if COMPLEXITY_COLUMN in detector["suite"]["feature_names_in"] else None
+    empty = feature_table([], [], [], [], np.zeros((0, len(layers))), layers, {}, complexity_bits=bits)
     columns = _numpy_columns(empty)
     test = cfg.detect.test.value
     scored = pa.table(Scorer(detector, test, cfg.extract.group_size, night=night)(columns))

@@ -13,7 +13,7 @@ import pytest
 from scipy.stats import false_discovery_control
 from test_data_fashion_mnist import write_fake_mnist
 
-from gradood.config import EvaluateConfig, load_config
+from gradood.config import DetectConfig, EvaluateConfig, load_config
 from gradood.evaluation.run import run_evaluation
 from gradood.stats import ood_metrics
 
@@ -98,7 +98,7 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
     combinations = {(r["rule"], tuple(r["tests"])): r for r in json.loads(study.read_text())["combinations"]}
     b1 = metrics[metrics["group_size"] == 1].set_index(["test", "source"])["auroc"]
     for test, rule in (("combined_fisher", "fisher"), ("combined_tippett", "tippett")):
-        found = combinations[(rule, ("paper", "fullcov", "typicality"))]["auroc"]["glow"]
+        found = combinations[(rule, tuple(c.value for c in DetectConfig().components))]["auroc"]["glow"]
         assert found == pytest.approx({s: b1[(test, s)] for s in found}, abs=1e-12)
 
     # the adaptive-combination study recomputes the job's adaptive test in-process (the grid's night is

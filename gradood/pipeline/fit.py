@@ -92,7 +92,8 @@ def fit_set_warnings(model_meta: dict[str, Any], source: CorpusSource) -> list[s
             "detector learns in-distribution from the fit set, so fit it on held-out rows of the "
             "model's own training source (fit.uri, fit.start, fit.size) unless these are such rows"
         ]
-    trained = (int(data.get("start") or 0), int(data.get("start") or 0) + int(data["num_rows"]))
+    first = int(data.get("start") or 0)
+    trained = (first, first + int(data["num_rows"]))
     fit = (source.start, source.start + source.num_rows())
     if max(trained[0], fit[0]) < min(trained[1], fit[1]):
         raise ValueError(

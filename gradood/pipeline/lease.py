@@ -40,6 +40,14 @@ def _now() -> float:
     return time.time()
 
 
+def read_lease(uri: str) -> dict[str, Any] | None:
+    """The lease record at ``uri``, or None (none there, released meanwhile, or being created)."""
+    try:
+        return storage.read_json(uri)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
 def holder_alive(record: dict[str, Any], timeout_s: float) -> bool:
     """A heartbeat younger than ``timeout_s``, unless the holder was a process of this host that no
     longer exists (a killed driver's lease is taken over at once, not after the timeout)."""
@@ -60,11 +68,8 @@ def runs_in_progress(out: str) -> list[str]:
     """Ids of the runs under ``out`` whose lease is alive (a heartbeat younger than its timeout)."""
     running = []
     for uri in storage.list_files(storage.join(out, LEASES), ".json"):
-        try:
-            record = storage.read_json(uri)
-        except (FileNotFoundError, OSError, ValueError):  # released meanwhile, or being created
-            continue
-        if holder_alive(record, float(record.get("timeout_s", 0))):
+        record = read_lease(uri)
+        if record is not None and holder_alive(record, float(record.get("timeout_s", 0))):
             running.append(uri.rsplit("/", 1)[1].removesuffix(".json"))
     return running
 
@@ -97,10 +102,7 @@ class Lease:
 
     def holder(self) -> dict[str, Any] | None:
         """The lease record there now, or None."""
-        try:
-            return storage.read_json(self.uri)
-        except (FileNotFoundError, OSError, ValueError):
-            return None
+        return read_lease(self.uri)
 
     def _describe(self, record: dict[str, Any]) -> str:
         beat = float(record.get("heartbeat", 0))

@@ -47,6 +47,15 @@ class TrainConfig:
     uri: str = "torchvision://FashionMNIST?split=train"
     #: train on the first this many rows of train.uri (null: all)
     size: int | None = None
+    #: share of those rows held out of training, by a hash of (seed, row id): the model never sees them,
+    #: the held-out loss is measured on them, and the scoring job fits its detector on them when fit.uri
+    #: is not set (0: none held out; the rows after train.size, if any, are then the held-out rows)
+    holdout_fraction: float = 0.1
+    #: held-out rows the held-out loss is measured on after every epoch (0: none)
+    eval_rows: int = 2000
+    #: stop after this many epochs without a better held-out loss (null: run train.epochs); the
+    #: exported checkpoint is the epoch with the best held-out loss either way
+    patience: int | None = None
     #: passes over the training rows
     epochs: int = 3
     #: rows per optimiser step on each worker
@@ -67,8 +76,9 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     #: CPUs each training worker asks Ray for
     cpus_per_worker: int = 1
-    #: Ray Train run name and storage; rerunning with the same pair resumes from the latest checkpoint
-    name: str = "vae_fmnist_small"
+    #: Ray Train run name (null: the model.checkpoint folder's name); rerunning with the same name and
+    #: train.runs_uri resumes from the run's latest checkpoint
+    name: str | None = None
     #: where Ray Train keeps the run (shared storage such as s3:// on a multi-node cluster)
     runs_uri: str = "runs/ray_train"
     #: worker failures Ray Train recovers from before the run fails
@@ -76,15 +86,24 @@ class TrainConfig:
     #: train when model.checkpoint does not exist (score_corpus only)
     if_missing: bool = True
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"train.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.eval_rows < 0:
+            raise ValueError(f"train.eval_rows must be at least 0, got {self.eval_rows}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"train.patience must be at least 1 or null, got {self.patience}")
+
 
 @dataclass
 class FitConfig:
     """Held-out in-distribution data the per-layer log-Gaussians are fitted on."""
 
-    #: held-out in-distribution rows (never rows the model was trained on); same URI forms as corpus.uri
-    uri: str = "torchvision://FashionMNIST?split=train"
-    #: first row of fit.uri used
-    start: int = 50_000
+    #: held-out in-distribution rows (never rows the model was trained on); same URI forms as corpus.uri;
+    #: null: the rows the checkpoint held out of its training source (model.json training.data)
+    uri: str | None = None
+    #: first row used (of fit.uri, or of the checkpoint's held-out rows)
+    start: int = 0
     #: rows from fit.start on (null: all); fit, calibration part 1 and part 2 are split from them
     size: int | None = 10_000
     #: squared norms are clipped to this floor before the log (guards log(0) for dead layers)

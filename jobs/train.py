@@ -56,14 +56,19 @@ def main(argv: list[str]) -> int:
     init_ray(cfg.ray.num_cpus, min_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + READ_CPUS)
 
     result = train_model(cfg)
-    print(f"checkpoint: {result.checkpoint_dir}")
-    print(f"fingerprint: {result.fingerprint}")
-    from gradood.models.checkpoint import read_checkpoint_meta
+    from gradood.core import storage
+    from gradood.models.checkpoint import META_FILE
+    from gradood.train.trainer import card_lines
 
-    loss = read_checkpoint_meta(result.checkpoint_dir)["training"]["loss"]
+    training = storage.read_json(storage.join(result.checkpoint_dir, META_FILE))["training"]
     for h in result.metrics["run"]["history"]:
-        print(f"epoch {h['epoch']}: train {h['train_loss']:.4f} {loss}, {h['rows_per_s']:.0f} rows/s")
-    print(f"epochs: {result.metrics['epoch']}, final train loss: {result.metrics['train_loss']:.4f} {loss}")
+        heldout = h.get("heldout_loss")
+        print(
+            f"epoch {h['epoch']}: train {h['train_loss']:.4f}"
+            + ("" if heldout is None else f", held-out {heldout:.4f}")
+            + f" {training['loss']}, {h['rows_per_s']:.0f} rows/s"
+        )
+    print("\n".join(card_lines(training.get("card"), result.checkpoint_dir, result.fingerprint)))
     return 0
 
 

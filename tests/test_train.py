@@ -20,13 +20,14 @@ from gradood.seeding import row_seed
 from gradood.train.data import (
     data_config,
     epoch_batches,
-    init_batch,
+    leading_rows,
     model_converter,
     train_dataset,
-    train_source,
+    train_sources,
 )
 from gradood.train.loop import EpochRunner, TrainBatch, init_from_data, row_noise, warmup_lr
-from gradood.train.worker import TrainingLoss, read_checkpoint, write_checkpoint
+from gradood.train.trainer import export_checkpoint, run_name
+from gradood.train.worker import BestEpoch, TrainingLoss, read_checkpoint, write_checkpoint
 
 TINY_GLOW = dict(num_steps=1, hidden_channels=8)
 
@@ -34,7 +35,7 @@ TINY_GLOW = dict(num_steps=1, hidden_channels=8)
 def tiny_config(tmp_path, **train) -> TrainJobConfig:
     settings = dict(
         size=128, epochs=2, batch_size=32, lr=3e-3, warmup_steps=2, init_rows=64, cpus_per_worker=1,
-        runs_uri=str(tmp_path / "runs"),
+        runs_uri=str(tmp_path / "runs"), holdout_fraction=0.0, eval_rows=64,
     )  # fmt: skip
     return TrainJobConfig(
         seed=3,
@@ -47,7 +48,7 @@ def fresh(cfg: TrainJobConfig):
     """A freshly initialised model (as a worker builds it) and every training row, read directly."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, cfg.model.params)
-    return model, init_batch(train_source(cfg), model_converter(model, cfg), cfg.train.size)
+    return model, leading_rows(train_sources(cfg)[0], model_converter(model, cfg), cfg.train.size)
 
 
 def runner_for(model, cfg: TrainJobConfig) -> EpochRunner:
@@ -99,8 +100,8 @@ def dataset(local_ray, tmp_path_factory):
     move, and every row read directly for comparison."""
     cfg = tiny_config(tmp_path_factory.mktemp("data"), size=100)
     model, rows = fresh(cfg)
-    ds, init, origin = train_dataset(cfg, model, rows_per_block=40)
-    return cfg, ds, init, origin, rows
+    data = train_dataset(cfg, model, rows_per_block=40)
+    return cfg, data.dataset, data.init, data.origin, rows
 
 
 def test_dataset_holds_the_decoded_rows_shuffled_by_the_seed(dataset):
@@ -134,8 +135,9 @@ def test_undecodable_rows_drop_out_of_the_dataset(local_ray, tmp_path):
         Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(folder / f"{i}.png")
     (folder / "3.png").write_bytes(b"not a png")
     cfg = tiny_config(tmp_path, uri=str(folder), size=None, init_rows=4)
-    ds, init, origin = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=2)
-    assert origin["num_rows"] == 6 and origin["blocks"] == 3
+    data = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=2)
+    ds, init, origin = data.dataset, data.init, data.origin
+    assert origin["num_rows"] == 6 and origin["blocks"] == 3 and data.held_out is None
     names = [i.rsplit("/", 1)[1] for b in epoch_batches(ds.iterator(), 8, cfg.seed, epoch=1) for i in b.ids]
     assert sorted(names) == ["0.png", "1.png", "2.png", "4.png", "5.png"]
     assert [i.rsplit("/", 1)[1] for i in init.ids] == ["0.png", "1.png", "2.png", "4.png"]
@@ -171,9 +173,9 @@ def test_resume_from_a_checkpoint_equals_training_straight_through(dataset, tmp_
     init_from_data(model, init, cfg)
     runner = runner_for(model, cfg)
     stats, step = runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 1), 1, 0)
-    write_checkpoint(
-        str(tmp_path / "ckpt"), model, runner.optimizer, step, [{"epoch": 1, "train_loss": 1.0}], cfg, origin
-    )
+    best = BestEpoch(1, None, model.state_dict())
+    history = [{"epoch": 1, "train_loss": 1.0}]
+    write_checkpoint(str(tmp_path / "ckpt"), model, runner.optimizer, step, history, best, cfg, origin)
     runner.run(epoch_batches(ds.iterator(), 32, cfg.seed, 2), 2, step)
 
     resumed, _ = fresh(cfg)  # a new process: fresh weights, no data init, state from the checkpoint only
@@ -201,16 +203,22 @@ def test_fingerprint_follows_the_weights(tmp_path):
 def test_shipped_configs_load(name):
     cfg = load_config(TrainJobConfig, [CONF_DIR / name])
     build_model(cfg.model.name, cfg.model.params)
-    assert cfg.model.checkpoint.endswith("/" + cfg.train.name)  # exported where its run is named
+    assert cfg.model.checkpoint.endswith("/" + run_name(cfg))  # exported where its run is named
     assert cfg.train.batch_size % cfg.train.num_workers == 0
+
+
+#: the rows each shipped checkpoint trained on: the first train.size FashionMNIST train rows, the rows
+#: after them held out (its COMMAND.md); everything else is the family's default
+SHIPPED_ROWS = {"glow": 50000, "ddpm": 30000, "vae": 50000, "pixelcnn": 50000, None: 50000}
 
 
 @pytest.mark.parametrize("family", [None, "glow", "ddpm", "vae", "pixelcnn"])
 def test_shipped_checkpoint_matches_the_default_config(family):
-    """Every shipped checkpoint's weights come from its family's default training settings (None: the
-    training job without model=)."""
+    """Every shipped checkpoint's weights come from its family's default training settings and the rows
+    its COMMAND.md names (None: the training job without model=)."""
+    rows = [f"train.size={SHIPPED_ROWS[family]}", "train.holdout_fraction=0"]
     cfg = load_config(
-        TrainJobConfig, [CONF_DIR / "train.yaml"], [] if family is None else [f"model={family}"]
+        TrainJobConfig, [CONF_DIR / "train.yaml"], rows + ([] if family is None else [f"model={family}"])
     )
     _, meta = load_checkpoint(CONF_DIR.parent / cfg.model.checkpoint)
     assert meta["params"] == build_model(cfg.model.name, cfg.model.params).hparams()
@@ -218,6 +226,7 @@ def test_shipped_checkpoint_matches_the_default_config(family):
     weight_settings = (
         "uri",
         "size",
+        "holdout_fraction",
         "epochs",
         "batch_size",
         "lr",
@@ -227,7 +236,7 @@ def test_shipped_checkpoint_matches_the_default_config(family):
     )
     assert trained_with["seed"] == cfg.seed
     renamed = {new.split(".")[1]: old.split(".")[1] for old, new in RENAMED_KEYS.items()}
-    recorded = trained_with["train"]  # as the training job's config named its keys then
+    recorded = {"holdout_fraction": 0.0, **trained_with["train"]}  # as the job named its keys then
     assert {k: recorded[k] if k in recorded else recorded[renamed[k]] for k in weight_settings} == {
         k: getattr(cfg.train, k) for k in weight_settings
     }
@@ -236,14 +245,48 @@ def test_shipped_checkpoint_matches_the_default_config(family):
 @pytest.mark.parametrize("family", ["glow", "ddpm", "vae", "pixelcnn"])
 def test_no_shipped_checkpoint_trained_on_the_default_fit_and_calibration_rows(family):
     """The detector's held-out rows must be rows the model never saw, or its p-values are not valid: the
-    default fit set (train rows 50,000-59,999) lies outside every checkpoint's recorded training rows."""
+    default fit set (the rows after the checkpoint's training rows) lies outside every checkpoint's
+    recorded training rows."""
+    from gradood.pipeline.fit import fit_set_warnings, fit_source
+
     cfg = load_config(ScoreCorpusConfig, [CONF_DIR / "score_corpus.yaml"], [f"model={family}"])
     _, meta = load_checkpoint(CONF_DIR.parent / cfg.model.checkpoint)
     data = meta["training"]["data"]
-    assert data["uri"] == cfg.fit.uri
+    source = fit_source(cfg.fit, meta)
+    assert cfg.fit.uri is None and source.uri == data["uri"]
     trained = range(data["start"], data["start"] + data["rows"])
-    held_out = range(cfg.fit.start, cfg.fit.start + cfg.fit.size)
+    held_out = range(source.start, source.start + source.num_rows())
+    assert held_out == range(SHIPPED_ROWS[family], SHIPPED_ROWS[family] + cfg.fit.size)
     assert trained.stop <= held_out.start or held_out.stop <= trained.start, (trained, held_out)
+    assert fit_set_warnings(meta, source) == []
+
+
+def test_the_exported_checkpoint_is_the_best_epoch(tmp_path):
+    """A run checkpoint carries the weights of the best epoch so far besides its own; the export takes
+    those, with the model card naming that epoch."""
+    cfg = tiny_config(tmp_path)
+    model, rows = fresh(cfg)
+    init_from_data(model, TrainBatch(rows.ids[:64], rows.row_index[:64], rows.images[:64]), cfg)
+    best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0  # epoch 2: other weights, a worse held-out loss
+    history = [
+        {"epoch": 1, "train_loss": 3.0, "heldout_loss": 2.5, "rows_per_s": 1.0, "seconds": 4.0},
+        {"epoch": 2, "train_loss": 2.0, "heldout_loss": 2.7, "rows_per_s": 1.0, "seconds": 5.0},
+    ]
+    best = BestEpoch(1, 2.5, best_weights)
+    assert not best.improved_by(2.7) and best.improved_by(2.4)
+    optimizer = torch.optim.Adam(model.parameters())
+    data = {"uri": cfg.train.uri, "rows": 128, "heldout_loss_rows": 64}
+    write_checkpoint(str(tmp_path / "run"), model, optimizer, 8, history, best, cfg, data)
+    fp = export_checkpoint(tmp_path / "run", str(tmp_path / "export"), extra={})
+    exported, meta = load_checkpoint(tmp_path / "export")
+    assert fp == meta["fingerprint"] == model_fingerprint(exported) != model_fingerprint(model)
+    for name, tensor in exported.state_dict().items():
+        torch.testing.assert_close(tensor, best_weights[name], rtol=0, atol=0, msg=name)
+    card = meta["training"]["card"]
+    assert (card["epoch"], card["heldout_loss"], card["train_loss"], card["epochs_run"]) == (1, 2.5, 3.0, 2)
+    assert (card["training_rows"], card["heldout_loss_rows"], card["seconds"]) == (128, 64, 9.0)
 
 
 # --- the Ray Train job --------------------------------------------------------------------------
@@ -314,7 +357,7 @@ def test_ray_train_workers_get_disjoint_shares_each_row_once_per_epoch(local_ray
     from ray.train.torch import TorchTrainer
 
     cfg = tiny_config(tmp_path, size=90)
-    ds, _, _ = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=20)
+    ds = train_dataset(cfg, build_model("glow", TINY_GLOW), rows_per_block=20).dataset
 
     def probe(config):
         rank = ray.train.get_context().get_world_rank()

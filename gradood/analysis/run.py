@@ -32,6 +32,7 @@ from gradood.data.sources import load_all, open_source
 from gradood.features import feature_layer_names
 from gradood.models.checkpoint import WEIGHTS_FILE, checkpoint_exists, model_from_bytes, read_checkpoint_meta
 from gradood.pipeline.extract import run_extraction
+from gradood.pipeline.fit import fit_source
 
 
 def rows_multiple(rows: int, group_sizes: list[int]) -> int:
@@ -76,9 +77,11 @@ def load_model(cfg: AnalyseConfig) -> tuple[Any, bytes, dict[str, Any], str]:
     return model, weights, meta, ckpt
 
 
-def held_out_rows(cfg: AnalyseConfig, model: Any, n: int) -> tuple[torch.Tensor, list[str]]:
+def held_out_rows(
+    cfg: AnalyseConfig, model: Any, meta: dict[str, Any], n: int
+) -> tuple[torch.Tensor, list[str]]:
     """The first ``n`` fit-set rows decoded in-process (FIM over data, the invariance check)."""
-    source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=n)
+    source = fit_source(cfg.fit, meta, n)
     converter = ImageConverter.for_model(model, **dataclasses.asdict(cfg.image))
     rows = load_all(source, converter)
     return torch.from_numpy(np.asarray(rows.images, np.float32)), list(rows.ids)
@@ -103,8 +106,7 @@ def run_analysis(cfg: AnalyseConfig, command: str = "python jobs/analyse.py") ->
 
     t0 = time.perf_counter()
     corpus_uri, counts = build_corpus(cfg, out)
-    fit_source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=cfg.fit.size)
-    extractions = {"fit": (fit_source, 1)} | {
+    extractions = {"fit": (fit_source(cfg.fit, meta), 1)} | {
         f"corpus_b{b}": (open_source(corpus_uri), b) for b in cfg.analyse.group_sizes
     }
     rejected: dict[str, int] = {}
@@ -127,7 +129,7 @@ def run_analysis(cfg: AnalyseConfig, command: str = "python jobs/analyse.py") ->
 
     t0 = time.perf_counter()
     n_data = max(cfg.analyse.fisher_samples, cfg.analyse.invariance_rows)
-    data, data_ids = held_out_rows(cfg, model, n_data)
+    data, data_ids = held_out_rows(cfg, model, meta, n_data)
     shown = layer_results["shown"]["separating"] + layer_results["shown"]["random"]
     fisher_results = fisher_analysis(cfg, model, data, data_ids, shown)
     seconds["fisher"] = time.perf_counter() - t0

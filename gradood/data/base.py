@@ -50,6 +50,8 @@ class CorpusSource(ABC):
     """A corpus in a fixed order; ``start``/``limit`` select a contiguous range of that order."""
 
     kind: str = ""
+    #: reading one row alone costs no more than reading it within a range (a file per row)
+    reads_rows_alone: bool = False
 
     def __init__(
         self,
@@ -94,6 +96,12 @@ class CorpusSource(ABC):
     @abstractmethod
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         """Exactly ``shard.num_rows`` rows, in order; unreadable ones carry ``error`` instead of raising."""
+
+    def row_ids(self, first_row: int, end_row: int) -> list[str]:
+        """The ids of rows ``[first_row, end_row)`` of the full order (the held-out split hashes them before
+        any row is read). Sources override it to list ids without reading payloads; this reads the rows."""
+        shard = Shard(-1, first_row, end_row - first_row, self._locate(first_row, end_row))
+        return [row.id for row in self.read_shard(shard)]
 
     def read_row(self, row_index: int) -> RawRow:
         """Row ``row_index`` of the full order (as :attr:`RawRow.row_index` counts), read on its own."""

@@ -158,6 +158,7 @@ class FolderSource(_FileSource):
     """
 
     kind = "folder"
+    reads_rows_alone = True
     extensions = IMAGE_EXTENSIONS
     what = "images"
     skip_reason = "not an image file extension"
@@ -167,6 +168,9 @@ class FolderSource(_FileSource):
 
     def _locate(self, first_row: int, end_row: int) -> tuple:
         return tuple(self._listing()[first_row:end_row])
+
+    def row_ids(self, first_row: int, end_row: int) -> list[str]:
+        return [self._id_of(path) for path in self._listing()[first_row:end_row]]
 
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         return self._read_files(((path, self._id_of(path)) for path in shard.locator), shard.first_row)
@@ -259,6 +263,13 @@ class ParquetSource(_FileSource):
             if lo < hi:
                 pieces.append((paths[f], lo - int(offsets[f]), hi - int(offsets[f]), footers[f].error))
         return tuple(pieces)
+
+    def row_ids(self, first_row: int, end_row: int) -> list[str]:
+        ids = []
+        for path, lo, hi, footer_error in self._locate(first_row, end_row):
+            file_uri = self._id_of(path)
+            ids += [file_uri] if footer_error is not None else [f"{file_uri}#{row}" for row in range(lo, hi)]
+        return ids
 
     def describe(self) -> dict:
         return {
@@ -378,10 +389,16 @@ class TorchvisionSource(CorpusSource):
     def _locate(self, first_row: int, end_row: int) -> tuple:
         return (first_row, end_row)
 
+    def _row_id(self, row_index: int) -> str:
+        return f"{self.name}:{self.split}:{row_index}"
+
+    def row_ids(self, first_row: int, end_row: int) -> list[str]:
+        return [self._row_id(i) for i in range(first_row, end_row)]
+
     def read_shard(self, shard: Shard) -> Iterator[RawRow]:
         dataset = self._dataset()
         for row_index in range(*shard.locator):
-            row_id = f"{self.name}:{self.split}:{row_index}"
+            row_id = self._row_id(row_index)
             if isinstance(dataset, np.ndarray):
                 yield RawRow(row_id, row_index, dataset[row_index])
                 continue

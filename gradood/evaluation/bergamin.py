@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from gradood.data.base import CorpusSource
 from gradood.data.images import ImageConverter
-from gradood.data.sources import LoadedRows, load_all, open_source
+from gradood.data.sources import LoadedRows, load_all
 from gradood.features.fisher_score import DiagonalFisher, diagonal_fisher, fisher_score_statistic
 from gradood.models.base import DensityModel
 from gradood.pipeline.stages import group_id
@@ -40,9 +41,8 @@ def _batches(
         yield ids, x, draw_noise(model.noise_spec(), rows.ids[r0:r1], seed), torch.from_numpy(local)
 
 
-def load_rows(uri: str, model: DensityModel, start: int = 0, limit: int | None = None) -> LoadedRows:
-    converter = ImageConverter.for_model(model)
-    return load_all(open_source(uri, start=start, limit=limit), converter)
+def load_rows(source: CorpusSource, model: DensityModel) -> LoadedRows:
+    return load_all(source, ImageConverter.for_model(model))
 
 
 def fit_fisher(

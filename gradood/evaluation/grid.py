@@ -201,11 +201,12 @@ def bergamin_scores(
     """Bergamin et al.: log score statistic and typicality, Fisher-combined, calibrated on the same parts."""
     from gradood.evaluation.bergamin import fit_fisher, load_rows, log_score_statistic
     from gradood.models.checkpoint import load_checkpoint
+    from gradood.pipeline.fit import fit_source
 
-    model, _ = load_checkpoint(storage.absolute(run_cfg.model.checkpoint))
+    model, meta = load_checkpoint(storage.absolute(run_cfg.model.checkpoint))
     model.prepare_for_scoring()
     b, seed = run_cfg.extract.group_size, run_cfg.seed
-    fit_rows = load_rows(run_cfg.fit.uri, model, start=run_cfg.fit.start, limit=run_cfg.fit.size)
+    fit_rows = load_rows(fit_source(run_cfg.fit, meta), model)
     fit_ids = fit_table.column("id").to_pylist()
     part = split_of(
         row_uniforms(seed, fit_ids, SPLIT_STREAM),

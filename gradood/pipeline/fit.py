@@ -16,10 +16,11 @@ import pyarrow.compute as pc
 import ray
 
 import gradood
-from gradood.config import ScoreCorpusConfig
+from gradood.config import FitConfig, ScoreCorpusConfig
 from gradood.core import storage
 from gradood.core.progress import progress
 from gradood.data.base import CorpusSource
+from gradood.data.holdout import HeldOutSplit, HoldoutRule, Side, held_out_rows
 from gradood.data.sources import open_source
 from gradood.pipeline.extract import run_extraction
 from gradood.pipeline.reducer import FitReducer, moments_from_parquet
@@ -74,13 +75,29 @@ def check_detector(detector: dict[str, Any], fingerprint: str, group_size: int, 
         )
 
 
+def training_data(model_meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the checkpoint's training rows came from (``model.json``: ``training.data``), if recorded."""
+    return (model_meta.get("training") or {}).get("data")
+
+
+def fit_source(fit: FitConfig, model_meta: dict[str, Any], size: int | None = None) -> CorpusSource:
+    """The fit set: ``fit.uri`` from ``fit.start`` (``fit.size`` rows, or ``size``) when given, else that
+    range of the rows the checkpoint held out of its training source."""
+    limit = fit.size if size is None else size
+    if fit.uri is None:
+        return held_out_rows(training_data(model_meta), fit.start, limit)
+    return open_source(fit.uri, start=fit.start, limit=limit)
+
+
 def fit_set_warnings(model_meta: dict[str, Any], source: CorpusSource) -> list[str]:
     """Refuse a fit set that holds rows the model trained on; warn when it is not the model's training
     source (the detector then calls in-distribution what resembles the fit set, not the training data).
 
     The training rows are those the checkpoint records (``model.json``: ``training.data``, the source's
-    uri, first row and row count)."""
-    data = (model_meta.get("training") or {}).get("data")
+    uri, its range of rows and the held-out rule applied within it)."""
+    if isinstance(source, HeldOutSplit) and source.side is Side.held_out:
+        return []  # the checkpoint's own held-out rows
+    data = training_data(model_meta)
     if not data or "uri" not in data:
         return [
             f"the checkpoint does not record its training data, so the fit set {source.uri} cannot be "
@@ -93,9 +110,18 @@ def fit_set_warnings(model_meta: dict[str, Any], source: CorpusSource) -> list[s
             "model's own training source (fit.uri, fit.start, fit.size) unless these are such rows"
         ]
     first = int(data.get("start") or 0)
-    trained = (first, first + int(data["num_rows"]))
+    trained = (first, first + int(data.get("source_rows", data["num_rows"])))
     fit = (source.start, source.start + source.num_rows())
-    if max(trained[0], fit[0]) < min(trained[1], fit[1]):
+    lo, hi = max(trained[0], fit[0]), min(trained[1], fit[1])
+    if lo < hi and "holdout" in data:
+        seen = int((~HoldoutRule.from_dict(data["holdout"]).held_out(source.row_ids(lo, hi))).sum())
+        if seen:
+            raise ValueError(
+                f"fit rows {fit[0]}-{fit[1] - 1} of {source.uri} include {seen} rows that the model "
+                f"trained on (rows {trained[0]}-{trained[1] - 1} less those its held-out rule keeps "
+                "out, model.json training.data): leave fit.uri unset to fit on the held-out rows"
+            )
+    elif lo < hi:
         raise ValueError(
             f"fit rows {fit[0]}-{fit[1] - 1} of {source.uri} include rows "
             f"{max(trained[0], fit[0])}-{min(trained[1], fit[1]) - 1} that the model trained on (it trained "
@@ -103,6 +129,12 @@ def fit_set_warnings(model_meta: dict[str, Any], source: CorpusSource) -> list[s
             "held out, so choose fit.start and fit.size outside them"
         )
     return []
+
+
+def _held_out_note(source: CorpusSource) -> str:
+    if isinstance(source, HeldOutSplit):
+        return f" held out of training ({source.rule.fraction:g} of its rows, by a hash of (seed, row id))"
+    return f" from row {source.start}"
 
 
 def start_reducer(num_features: int) -> ray.actor.ActorHandle:
@@ -135,7 +167,8 @@ def _reduced_moments(
 def fit_detector(
     cfg: ScoreCorpusConfig, out: str, weights: bytes, model_meta: dict[str, Any], layer_names: list[str]
 ) -> dict[str, Any]:
-    source = open_source(cfg.fit.uri, start=cfg.fit.start, limit=cfg.fit.size)
+    source = fit_source(cfg.fit, model_meta)
+    progress(f"fit set: {source.num_rows()} rows of {source.uri}" + _held_out_note(source))
     warnings = fit_set_warnings(model_meta, source)
     for warning in warnings:
         progress(f"WARNING: {warning}")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from gradood.config import TrainJobConfig
+from gradood.data.holdout import HeldOutSplit, HoldoutRule, Side
 from gradood.data.images import ImageConverter
 from gradood.data.sources import CorpusSource, Shard, load_rows, open_source
 from gradood.models.base import DensityModel
@@ -68,8 +70,18 @@ def block_rows(model: DensityModel) -> int:
     return max(1, min(MAX_BLOCK_ROWS, BLOCK_BYTES // math.prod(model.input_shape)))
 
 
-def train_source(cfg: TrainJobConfig) -> CorpusSource:
-    return open_source(cfg.train.uri, limit=cfg.train.size)
+def train_sources(cfg: TrainJobConfig) -> tuple[CorpusSource, CorpusSource | None]:
+    """The rows the model trains on and the rows held out of training (None: none are): with
+    ``train.holdout_fraction`` the two sides of the held-out split of ``train.uri``'s first ``train.size``
+    rows, else those rows and the source's rows after them, if any."""
+    source = open_source(cfg.train.uri, limit=cfg.train.size)
+    if cfg.train.holdout_fraction > 0:
+        rule = HoldoutRule(cfg.train.holdout_fraction, cfg.seed)
+        return HeldOutSplit(source, rule, Side.training), HeldOutSplit(source, rule, Side.held_out)
+    after = source.num_rows()
+    if after < source.total_rows():
+        return source, open_source(cfg.train.uri, start=after)
+    return source, None
 
 
 def model_converter(model: DensityModel, cfg: TrainJobConfig) -> ImageConverter:
@@ -89,9 +101,10 @@ def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConv
     )
 
 
-def init_batch(source: CorpusSource, converter: ImageConverter, limit: int) -> TrainBatch:
-    """The first ``limit`` decodable rows in source order, decoded here (on the driver: a few hundred
-    rows, read once and shipped to every rank, instead of a Ray Data pipeline per rank)."""
+def leading_rows(source: CorpusSource, converter: ImageConverter, limit: int) -> TrainBatch:
+    """The first ``limit`` decodable rows in source order, decoded here (on the driver: a few thousand
+    rows at most, read once and shipped to every rank, instead of a Ray Data pipeline per rank): the
+    rows of the data-dependent init, and the held-out rows the held-out loss is measured on."""
     loaded, found = [], 0
     for shard in source.shards(max(1, limit)):
         loaded.append(load_rows(source, shard, converter))
@@ -108,16 +121,27 @@ def init_batch(source: CorpusSource, converter: ImageConverter, limit: int) -> T
     )
 
 
+@dataclass
+class TrainingData:
+    """What the workers get: the shuffled training rows (lazy: nothing is decoded until a worker
+    iterates it), the rows of the data-dependent init, the held-out rows the held-out loss is measured on
+    (None: none), and the source's description (with the number of blocks and the shuffle seed)."""
+
+    dataset: ray.data.Dataset
+    init: TrainBatch
+    held_out: TrainBatch | None
+    origin: dict[str, Any]
+
+
 def train_dataset(
     cfg: TrainJobConfig, model: DensityModel, rows_per_block: int | None = None
-) -> tuple[ray.data.Dataset, TrainBatch, dict[str, Any]]:
-    """The shuffled training rows (lazy: nothing is decoded until a worker iterates it), the rows of the
-    data-dependent init and the source's description (with the number of blocks and the shuffle seed).
+) -> TrainingData:
+    """The training job's data (:class:`TrainingData`).
 
-    Only the source's row count and the init rows are read here (for a torchvision source that loads
-    the dataset on the driver; a folder or Parquet source is only listed).
+    Only the source's row count, the init rows and the held-out loss's rows are read here (for a
+    torchvision source that loads the dataset on the driver; a folder or Parquet source is only listed).
     """
-    source = train_source(cfg)
+    source, held_out = train_sources(cfg)
     num_rows = source.num_rows()
     if num_rows == 0:
         raise ValueError(f"no training rows in {cfg.train.uri} (train.size={cfg.train.size})")
@@ -127,7 +151,10 @@ def train_dataset(
     ds = decoded_rows(source, shards, converter).random_shuffle(seed=shuffle_seed)
     ds.context.execution_options.preserve_order = True  # also when iterated outside Ray Train
     origin = {**source.describe(), "blocks": len(shards), "shuffle_seed": shuffle_seed}
-    return ds, init_batch(source, converter, cfg.train.init_rows), origin
+    evaluated = None
+    if held_out is not None and cfg.train.eval_rows > 0 and held_out.num_rows() > 0:
+        evaluated = leading_rows(held_out, converter, cfg.train.eval_rows)
+    return TrainingData(ds, leading_rows(source, converter, cfg.train.init_rows), evaluated, origin)
 
 
 def data_config() -> Any:

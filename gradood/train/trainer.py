@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
@@ -25,7 +25,7 @@ from gradood.core import storage
 from gradood.models import build_model
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
 from gradood.train.data import READ_CPUS, data_config, train_dataset
-from gradood.train.worker import train_loop_per_worker
+from gradood.train.worker import BEST_WEIGHTS_FILE, train_loop_per_worker
 
 
 @dataclass
@@ -62,6 +62,11 @@ def check_cpus_for_reading(train: TrainConfig) -> None:
         )
 
 
+def run_name(cfg: TrainJobConfig) -> str:
+    """The Ray Train run's name: ``train.name``, else the name of the folder the model is exported to."""
+    return cfg.train.name or PurePosixPath(cfg.model.checkpoint.rstrip("/")).name
+
+
 def scaling_config(train: TrainConfig) -> ScalingConfig:
     return ScalingConfig(
         num_workers=train.num_workers,
@@ -73,23 +78,65 @@ def scaling_config(train: TrainConfig) -> ScalingConfig:
     )
 
 
+def model_card(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a user judges a trained model by: the exported epoch's held-out and training loss, the rows,
+    the epochs run, the time and the fingerprint (``model.json``: ``training.card``)."""
+    training = meta["training"]
+    best, history, data = training["best"], training["history"], training["data"]
+    exported = next(h for h in history if h["epoch"] == best["epoch"])
+    return {
+        "model": meta["model"],
+        "loss": training["loss"],
+        "epoch": best["epoch"],
+        "heldout_loss": best["heldout_loss"],
+        "train_loss": exported["train_loss"],
+        "epochs_run": training["epochs_done"],
+        "training_rows": data["rows"],
+        "heldout_loss_rows": data.get("heldout_loss_rows", 0),
+        "source": data["uri"],
+        "seconds": round(sum(h.get("seconds", 0.0) for h in history), 1),
+        "fingerprint": best["fingerprint"],
+    }
+
+
+def card_lines(card: dict[str, Any] | None, checkpoint: str, fingerprint: str) -> list[str]:
+    """The model card as the training job prints it."""
+    lines = [f"checkpoint: {checkpoint}", f"fingerprint: {fingerprint}"]
+    if card is None:
+        return lines
+    heldout = card["heldout_loss"]
+    return lines + [
+        f"model card: {card['model']}, epoch {card['epoch']} of {card['epochs_run']} kept "
+        + ("(best held-out loss)" if heldout is not None else "(the last: no held-out rows)"),
+        f"  held-out: {'-' if heldout is None else f'{heldout:.4f}'} {card['loss']} on "
+        f"{card['heldout_loss_rows']} rows; train: {card['train_loss']:.4f} {card['loss']}",
+        f"  trained on {card['training_rows']} rows of {card['source']} in {card['seconds']:.0f} s",
+    ]
+
+
 def export_checkpoint(source_dir: str | Path, destination: str, extra: dict[str, Any]) -> str:
-    """Rewrite a run checkpoint as a plain gradood checkpoint at ``destination`` (a local path or a URI);
-    returns its fingerprint, which must be the one the worker recorded (same weights, metadata added).
+    """Rewrite a run checkpoint's best epoch (:data:`~gradood.train.worker.BEST_WEIGHTS_FILE`; the
+    checkpoint's own weights when it has none) as a plain gradood checkpoint at ``destination`` (a local
+    path or a URI), with the model card in its metadata; returns its fingerprint, which must be the one
+    the worker recorded (same weights, metadata added).
 
     The checkpoint is written locally first, then copied file by file through
     :mod:`gradood.core.storage`, weights before metadata (a reader takes a checkpoint with both).
     """
     meta = read_checkpoint_meta(source_dir)
+    best_file = Path(source_dir) / BEST_WEIGHTS_FILE
+    expected = meta["fingerprint"]
+    if best_file.is_file():
+        expected = meta["training"]["best"]["fingerprint"]
+        meta["training"]["card"] = model_card(meta)
     model = build_model(meta["model"], meta["params"])
-    model.load_state_dict(torch.load(Path(source_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    weights = best_file if best_file.is_file() else Path(source_dir) / WEIGHTS_FILE
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     kept = {k: v for k, v in meta.items() if k not in ("model", "params", "fingerprint")}
     with tempfile.TemporaryDirectory() as tmp:
         fp = save_checkpoint(model, tmp, extra={**kept, **extra})
-        if fp != meta["fingerprint"]:
-            raise RuntimeError(
-                f"exported weights {fp[:12]} differ from the run checkpoint's {meta['fingerprint'][:12]}"
-            )
+        if fp != expected:
+            raise RuntimeError(f"exported weights {fp[:12]} differ from the run checkpoint's {expected[:12]}")
         for name in (WEIGHTS_FILE, META_FILE):
             storage.write_bytes(storage.join(destination, name), (Path(tmp) / name).read_bytes())
     return fp
@@ -105,20 +152,26 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
     """
     with torch.random.fork_rng(devices=[]):  # only for its input size (what the reader decodes to)
         model = build_model(cfg.model.name, cfg.model.params)
-    dataset, init_rows, data = train_dataset(cfg, model)
+    data = train_dataset(cfg, model)
     check_cpus_for_reading(cfg.train)
-    init_ref = ray.put(init_rows)  # held here until fit() returns
+    init_ref = ray.put(data.init)  # held here until fit() returns
+    held_out_ref = None if data.held_out is None else ray.put(data.held_out)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": dataclasses.asdict(cfg), "data": data, "init": init_ref},
+        train_loop_config={
+            "job": dataclasses.asdict(cfg),
+            "data": {**data.origin, "heldout_loss_rows": 0 if data.held_out is None else len(data.held_out)},
+            "init": init_ref,
+            "held_out": held_out_ref,
+        },
         scaling_config=scaling_config(cfg.train),
         run_config=RunConfig(
-            name=cfg.train.name,
+            name=run_name(cfg),
             storage_path=run_storage(cfg.train.runs_uri),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
+        datasets={"train": data.dataset},
         dataset_config=data_config(),
     )
     result = trainer.fit()

@@ -347,6 +347,37 @@ def test_rerun_resumes_only_missing_epochs_without_data_init(two_worker_run):
 
 
 @pytest.mark.slow
+def test_training_holds_rows_out_measures_them_and_stops_early(local_ray, tmp_path):
+    """A quarter of the rows held out by the rule: never trained on, the held-out loss measured on them
+    every epoch (checked against the exported model here), and with lr 0 no epoch beats the first, so
+    patience 1 stops after epoch 2 and the export is epoch 1's."""
+    from gradood.data.holdout import HeldOutSplit, HoldoutRule, Side
+    from gradood.data.sources import open_source
+    from gradood.train import train_model
+
+    cfg = tiny_config(tmp_path, size=96, holdout_fraction=0.25, eval_rows=64, epochs=4, lr=0.0, patience=1)
+    result = train_model(cfg)
+    run = result.metrics["run"]
+    assert run["epochs_run"] == [1, 2]
+    losses = [h["heldout_loss"] for h in run["history"]]
+    assert losses[0] == losses[1] and math.isfinite(losses[0])
+
+    model, meta = load_checkpoint(cfg.model.checkpoint)
+    data, card = meta["training"]["data"], meta["training"]["card"]
+    held = HeldOutSplit(open_source(cfg.train.uri, limit=96), HoldoutRule(0.25, cfg.seed), Side.held_out)
+    assert data["holdout"] == {**HoldoutRule(0.25, cfg.seed).to_dict(), "side": "training",
+                               "start": 0, "limit": None}  # fmt: skip
+    assert data["rows"] == 96 - held.num_rows() and data["source_rows"] == 96
+    assert (card["epoch"], card["epochs_run"], card["heldout_loss_rows"]) == (1, 2, held.num_rows())
+    rows = leading_rows(held, model_converter(model, cfg), 64)
+    with torch.no_grad():
+        expected = model.eval().training_loss(
+            rows.images.float(), row_noise(model, rows.ids, cfg.seed, "heldout")
+        )
+    assert card["heldout_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.slow
 def test_ray_train_workers_get_disjoint_shares_each_row_once_per_epoch(local_ray, tmp_path):
     """The Dataset, the data config and the per-epoch iteration the job uses, on two Ray Train workers:
     every epoch each rank gets an equal share, the shares are disjoint and cover every row once, and the

@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from gradood.config import TrainConfig, TrainJobConfig
 from gradood.core import storage
+from gradood.core.progress import progress
 from gradood.models import build_model
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
 from gradood.train.data import READ_CPUS, data_config, train_dataset
@@ -153,6 +154,12 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
     with torch.random.fork_rng(devices=[]):  # only for its input size (what the reader decodes to)
         model = build_model(cfg.model.name, cfg.model.params)
     data = train_dataset(cfg, model)
+    if data.held_out is None:
+        progress(
+            f"WARNING: no rows of {cfg.train.uri} are held out of training (train.holdout_fraction=0 and "
+            "no rows after train.size): no held-out loss, and the scoring job needs fit.uri set to "
+            "in-distribution images the model never saw"
+        )
     check_cpus_for_reading(cfg.train)
     init_ref = ray.put(data.init)  # held here until fit() returns
     held_out_ref = None if data.held_out is None else ray.put(data.held_out)

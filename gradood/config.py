@@ -287,8 +287,15 @@ class EvaluateSettings:
     night_rows: int = 2000
     #: random nights drawn at each OOD share
     night_draws: int = 20
-    #: more (far-)OOD sources by URI, name -> uri, e.g. mnist: torchvision://MNIST?split=test&root=DIR
-    extra_sources: dict[str, str] = field(default_factory=dict)
+    #: far-OOD examples by URI, name -> uri (a folder, Parquet, s3://, torchvision://...), e.g.
+    #: mnist: torchvision://MNIST?split=test&root=DIR; rows_per_source rows of each join the corpus
+    ood: dict[str, str] = field(default_factory=dict)
+    #: your own in-distribution images (images the model never trained on and not its fit set, e.g. a
+    #: folder set aside): id_rows of them are the corpus's in-distribution rows instead of FashionMNIST's,
+    #: evaluate.sources is not used, and without evaluate.ood synthetic OOD sets are derived from them
+    id_uri: str | None = None
+    #: family -> checkpoint to evaluate (default: each family's model.checkpoint)
+    checkpoints: dict[str, str] = field(default_factory=dict)
     #: include Bergamin et al.'s per-parameter score statistic (in-process, about 2x a feature pass)
     bergamin: bool = True
     #: flags' false-discovery target in the grid

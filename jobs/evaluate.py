@@ -2,8 +2,11 @@
 
 Every model family x group size x OOD source x detector on public offline sources: AUROC, AUPR-In/Out,
 FPR@95, the flags' empirical FDR and power, the p-values' calibration; Markdown + Parquet + HTML under
-output.uri (default runs/evaluate). Keys of EvaluateConfig (seed, output.uri, evaluate.*) are the grid's;
-every other key=value applies to each score-corpus run (e.g. extract.num_workers=2, fit.size=5000).
+output.uri (default runs/evaluate). On your own data: evaluate.id_uri (in-distribution images set aside),
+evaluate.ood={name: uri} (examples of what should be flagged; without them synthetic OOD sets are
+derived from your images) and evaluate.checkpoints={family: checkpoint}. Keys of EvaluateConfig (seed,
+output.uri, evaluate.*) are the grid's; every other key=value applies to each score-corpus run (e.g.
+extract.num_workers=2, fit.size=5000).
 """
 
 from __future__ import annotations

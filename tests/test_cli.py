@@ -115,22 +115,26 @@ def test_run_job_turns_a_config_error_into_one_line_and_status_2(capsys):
 
 @pytest.mark.parametrize(("old", "new"), sorted(RENAMED_KEYS.items()))
 def test_a_renamed_key_fails_naming_its_new_name(old, new, tmp_path):
-    schema, yaml = (
-        (TrainJobConfig, "train.yaml")
-        if old.startswith("train.")
-        else (ScoreCorpusConfig, "score_corpus.yaml")
-    )
+    schema, yamls = {
+        "train": (TrainJobConfig, [CONF_DIR / "train.yaml"]),
+        "evaluate": (EvaluateConfig, []),
+    }.get(old.split(".")[0], (ScoreCorpusConfig, [CONF_DIR / "score_corpus.yaml"]))
     with pytest.raises(ConfigError, match=f"^{old} was renamed to {new}$"):
-        load_config(schema, [CONF_DIR / yaml], [f"{old}=1"])
+        load_config(schema, yamls, [f"{old}=1"])
     section, leaf = old.split(".")
     old_yaml = tmp_path / "old.yaml"
     old_yaml.write_text(f"{section}:\n  {leaf}: 1\n")
     with pytest.raises(ConfigError, match=f"^{old} was renamed to {new}$"):
-        load_config(schema, [CONF_DIR / yaml, old_yaml])
-    value = {"detect.test": "typicality"}.get(new, "2")  # an enum, or a number (runs_uri: a string)
-    renamed = load_config(schema, [CONF_DIR / yaml], [f"{new}={value}"])
+        load_config(schema, [*yamls, old_yaml])
+    # the new key takes a value of its type: an enum, a mapping, or a number (runs_uri: a string)
+    value, expected = {
+        "detect.test": ("typicality", "typicality"),
+        "evaluate.ood": ("{a: b}", {"a": "b"}),
+    }.get(new, ("2", 2.0))
+    renamed = load_config(schema, yamls, [f"{new}={value}"])
     got = getattr(getattr(renamed, section), new.split(".")[1])
-    assert str(getattr(got, "value", got)) == value if value == "typicality" else float(got) == 2
+    got = getattr(got, "value", got)
+    assert (float(got) if isinstance(expected, float) else got) == expected
 
 
 def test_the_default_model_family_is_the_shipped_default():

@@ -32,7 +32,7 @@ def test_grid_metrics_flags_calibration_and_report(local_ray, tmp_path):
         "evaluate.night_rows=200",
         "evaluate.night_draws=1",
         "evaluate.sources=[digits,fashion_mnist_vflip,glyphs]",
-        f"evaluate.extra_sources={{mnist: 'torchvision://MNIST?split=test&root={tmp_path / 'tv'}'}}",
+        f"evaluate.ood={{mnist: 'torchvision://MNIST?split=test&root={tmp_path / 'tv'}'}}",
     ]
     runs = ["fit.size=300", "extract.shard_size=64", "extract.num_workers=2"]
     cfg = load_config(EvaluateConfig, [], own)

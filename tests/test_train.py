@@ -18,10 +18,13 @@ from gradood.models.checkpoint import load_checkpoint, model_fingerprint
 from gradood.models.glow import ActNorm
 from gradood.seeding import row_seed
 from gradood.train.data import (
+    PRESET_SIZES,
     data_config,
     epoch_batches,
     leading_rows,
     model_converter,
+    preset_size,
+    shape_from_data,
     train_dataset,
     train_sources,
 )
@@ -418,3 +421,43 @@ def test_ray_train_workers_get_disjoint_shares_each_row_once_per_epoch(local_ray
     for rank in (0, 1):
         first, second = ([i for b in by_rank[rank][e] for i in b] for e in (0, 1))
         assert sorted(first) == sorted(second) and first != second
+
+
+# --- the input shape from the data ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["vae", "glow", "ddpm", "pixelcnn"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", PRESET_SIZES)
+def test_every_family_builds_at_every_preset_shape(family, channels, size):
+    """The family's own widths (its YAML) at each shape the data can pick: a finite log p per row."""
+    cfg = load_config(TrainJobConfig, [CONF_DIR / "train.yaml"], [f"model={family}"])
+    model = build_model(family, {**cfg.model.params, "in_channels": channels, "image_size": size})
+    model.init_from_data(torch.full((2, channels, size, size), 128.0), draw_noise_for(model, 2))
+    model.prepare_for_scoring()
+    with torch.no_grad():
+        log_prob = model.log_prob(torch.full((2, channels, size, size), 100.0), draw_noise_for(model, 2))
+    assert log_prob.shape == (2,) and torch.isfinite(log_prob).all()
+
+
+def draw_noise_for(model, n: int) -> dict[str, torch.Tensor]:
+    return row_noise(model, [f"r{i}" for i in range(n)], seed=0, tag="shape")
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "expected"),
+    [("L", (28, 28), (1, 28)), ("RGB", (48, 32), (3, 32)), ("RGBA", (200, 120), (3, 64)),
+     ("L", (20, 24), (1, 28)), ("P", (40, 40), (3, 32))],
+)  # fmt: skip
+def test_the_input_shape_comes_from_the_first_decodable_image(tmp_path, mode, size, expected):
+    from PIL import Image
+
+    (tmp_path / "a.png").write_bytes(b"not an image")  # skipped: undecodable
+    Image.new(mode, size).save(tmp_path / "b.png")
+    cfg = tiny_config(tmp_path, uri=str(tmp_path), size=None)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params={}))
+    source = train_sources(cfg)[0]
+    assert shape_from_data(cfg, source) == {"in_channels": expected[0], "image_size": expected[1]}
+    given = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params={"image_size": 64}))
+    assert shape_from_data(given, source) == {"in_channels": expected[0]}  # model.params wins
+    assert [preset_size(s) for s in (10, 28, 31, 32, 63, 64, 1000)] == [28, 28, 28, 32, 32, 64, 64]

@@ -28,6 +28,7 @@ RENAMED_KEYS = {
     "train.storage_path": "train.runs_uri",
     "extract.num_gpus_per_worker": "extract.gpus_per_worker",
     "detect.detector": "detect.test",
+    "evaluate.extra_sources": "evaluate.ood",
 }
 
 

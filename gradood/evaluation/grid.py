@@ -8,7 +8,6 @@ are fitted in-process on the same run's fit-set features, with the same fit / ca
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from PIL import Image
 
 from gradood.config import CONF_DIR, EvaluateConfig, ScoreCorpusConfig, load_config
 from gradood.core import storage
 from gradood.data.demo import DEMO_ID_SOURCE, build_image_corpus, demo_source_of, source_info
 from gradood.data.sources import load_all, open_source
 from gradood.evaluation.nights import NightPool
+from gradood.evaluation.own_data import OWN_ID_SOURCE, build_own_corpus, export_as_pngs
 from gradood.pipeline.stages import SPLIT_STREAM
 from gradood.pipeline.tables import SPLIT_COLUMN, feature_matrix, suite_feature_names
 from gradood.seeding import row_uniforms
@@ -55,43 +54,31 @@ class Scored:
         return self.p_index / (self.n_calibration + 1)
 
 
-def build_corpus(cfg: EvaluateConfig, out: str) -> tuple[str, dict[str, bool]]:
-    """The evaluation corpus (public sources as PNG folders) and each OOD source's far/near flag."""
+def build_corpus(cfg: EvaluateConfig, out: str) -> tuple[str, dict[str, bool], str]:
+    """The evaluation corpus (a PNG folder per source), each OOD source's far/near flag and the name of
+    the in-distribution source: public sources around held-out FashionMNIST, or the user's own images
+    (``evaluate.id_uri``, :func:`~gradood.evaluation.own_data.build_own_corpus`)."""
     ev = cfg.evaluate
+    if ev.id_uri is not None:
+        corpus, far = build_own_corpus(cfg, out)
+        return corpus, far, OWN_ID_SOURCE
     corpus = str(Path(out) / "corpus")
     manifest = build_image_corpus(
         corpus, [DEMO_ID_SOURCE, *ev.sources], ev.rows_per_source, seed=cfg.seed, id_rows=ev.id_rows
     )
     far = {name: bool(source_info(name)["far_ood"]) for name in manifest["ood_sources"]}
-    for name, uri in ev.extra_sources.items():
+    for name, uri in ev.ood.items():
         export_as_pngs(uri, Path(corpus) / name, ev.rows_per_source)
         far[name] = True
-    return corpus, far
-
-
-def export_as_pngs(uri: str, folder: Path, limit: int) -> None:
-    """The first ``limit`` rows of any corpus URI as PNG files, so they join the evaluation corpus."""
-    marker = folder / ".exported.json"
-    params = {"uri": uri, "limit": limit}
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return
-    source = open_source(uri, limit=limit)
-    folder.mkdir(parents=True, exist_ok=True)
-    for shard in source.shards(max(1, source.num_rows())):
-        for row in source.read_shard(shard):
-            if row.error is not None:
-                raise ValueError(f"{uri}: row {row.row_index} cannot be read: {row.error}")
-            image = (
-                row.payload
-                if isinstance(row.payload, Image.Image)
-                else Image.fromarray(np.asarray(row.payload))
-            )
-            image.save(folder / f"{row.row_index:06d}.png")
-    marker.write_text(json.dumps(params))
+    return corpus, far, DEMO_ID_SOURCE
 
 
 def run_configs(cfg: EvaluateConfig, overrides: list[str], corpus: str, out: str) -> list[ScoreCorpusConfig]:
     """One score-corpus config per (family, group size); every config error surfaces before Ray starts."""
+    checkpoints = cfg.evaluate.checkpoints
+    unknown = sorted(set(checkpoints) - set(cfg.evaluate.families))
+    if unknown:
+        raise ValueError(f"evaluate.checkpoints names families {unknown} not in evaluate.families")
     configs = []
     for family in cfg.evaluate.families:
         for group_size in cfg.evaluate.group_sizes:
@@ -102,6 +89,7 @@ def run_configs(cfg: EvaluateConfig, overrides: list[str], corpus: str, out: str
                     [
                         f"model={family}",
                         *overrides,
+                        *([f"model.checkpoint={checkpoints[family]}"] if family in checkpoints else []),
                         f"seed={cfg.seed}",
                         f"extract.group_size={group_size}",
                         f"extract.batch_size={max(64, group_size)}",
@@ -246,10 +234,11 @@ def grid_rows(
     far: dict[str, bool],
     fdr: float,
     alphas: list[float],
+    id_source: str = DEMO_ID_SOURCE,
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """Metric rows (per source and test), score rows (for ROC curves) and calibration rows."""
     source = rows["source"].to_numpy()
-    is_id = source == DEMO_ID_SOURCE
+    is_id = source == id_source
     metrics, score_rows, validity = [], [], []
     for name, s in found.items():
         for alpha in alphas:

@@ -126,12 +126,15 @@ def night_tests(
 def night_metrics(
     pool: NightPool, far_sources: list[str], id_source: str, size: int, draws: int, fdr: float
 ) -> Iterator[dict]:
-    """One row per (source, prevalence, draw, test, flag method)."""
+    """One row per (source, prevalence, draw, test, flag method); a share that gives a night of ``size``
+    rows no OOD row, or more than the source has, is left out."""
     held_tails, held_ids = pool.held_out(id_source)
     n_calibration = len(pool.suite.calibration_tails_.part_2)
     for source in far_sources:
         ood_rows = np.flatnonzero(pool.source == source)
         for prevalence in PREVALENCES:
+            if not 1 <= round(prevalence * size) <= ood_rows.size:
+                continue
             for draw in range(draws):
                 rng = night_rng(pool.seed, source, prevalence, draw)
                 night_id, cal, ood = draw_night(rng, len(held_ids), n_calibration, ood_rows, size, prevalence)

@@ -15,7 +15,6 @@ from gradood.config import EvaluateConfig
 from gradood.core import storage
 from gradood.core.progress import progress
 from gradood.core.ray_runtime import init_ray
-from gradood.data.demo import DEMO_ID_SOURCE
 from gradood.evaluation.grid import (
     DEFAULT_TEST,
     build_corpus,
@@ -31,7 +30,7 @@ from gradood.stats.conformal import Combination
 def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> dict[str, Any]:
     out = storage.absolute(cfg.output.uri)
     Path(out).mkdir(parents=True, exist_ok=True)
-    corpus, far = build_corpus(cfg, out)
+    corpus, far, id_source = build_corpus(cfg, out)
     configs = run_configs(cfg, overrides, corpus, out)
     init_ray(configs[0].ray.num_cpus, configs[0].extract.num_workers * configs[0].extract.cpus_per_worker + 1)
     metrics, scores, validity, nights, seconds = [], [], [], [], {}
@@ -44,10 +43,12 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
 
         torch.set_num_threads(os.cpu_count() or 1)  # the Ray workers are idle while the driver scores
         rows, found, pool = run_test_scores(run_cfg, run_summary["output"], cfg.evaluate.bergamin)
-        m, s, v = grid_rows(family, group_size, rows, found, far, cfg.evaluate.fdr, list(cfg.evaluate.alphas))
+        m, s, v = grid_rows(
+            family, group_size, rows, found, far, cfg.evaluate.fdr, list(cfg.evaluate.alphas), id_source
+        )
         if group_size == 1:
             progress(f"evaluate: {family}, realistic nights")
-            nights += [{"family": family, **row} for row in realistic_nights(cfg, rows, far, pool)]
+            nights += [{"family": family, **row} for row in realistic_nights(cfg, rows, far, pool, id_source)]
         metrics += m
         scores += s
         validity += v
@@ -72,8 +73,9 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         )
         storage.write_text(storage.join(out, "nights.md"), nights_markdown(night_summary, cfg.evaluate.fdr))
     notes = [
-        "Default model family by the grid (mean B=1 AUROC of the default test over all OOD sources): "
-        + ", ".join(f"{f} {v:.3f}" for f, v in ranking.items()),
+        f"Recommended family: {next(iter(ranking))} (mean B=1 AUROC of the default test over all OOD "
+        "sources: " + ", ".join(f"{f} {v:.3f}" for f, v in ranking.items()) + ")",
+        *source_notes(cfg, far),
         "Calibration: share of held-out in-distribution rows with p <= alpha, per test (table "
         "'calibration.parquet'; a valid p-value keeps it at or below alpha up to sampling error).",
     ]
@@ -81,7 +83,9 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
         tables["metrics"],
         tables["scores"],
         out,
-        title="gradood evaluation grid",
+        title="gradood evaluation grid"
+        if cfg.evaluate.id_uri is None
+        else f"gradood evaluation: {cfg.evaluate.id_uri}",
         command=command,
         default_test=DEFAULT_TEST,
         fdr_target=cfg.evaluate.fdr,
@@ -91,6 +95,7 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
     summary = {"output": out, "seconds": seconds, "family_ranking": ranking, **paths}
     storage.write_json(storage.join(out, "summary.json"), summary)
     progress(f"evaluation report: {paths['html']} (markdown {paths['markdown']})")
+    progress(notes[0])
     print_headline(frame)
     if nights:
         progress("realistic nights, default test, BH:\n" + nights_markdown(night_summary, cfg.evaluate.fdr))
@@ -98,16 +103,18 @@ def run_evaluation(cfg: EvaluateConfig, overrides: list[str], command: str) -> d
 
 
 def realistic_nights(
-    cfg: EvaluateConfig, rows: pd.DataFrame, far: dict[str, bool], pool: NightPool
+    cfg: EvaluateConfig, rows: pd.DataFrame, far: dict[str, bool], pool: NightPool, id_source: str
 ) -> list[dict]:
     """Metric rows of the realistic nights of one B=1 run (every far-OOD source, every prevalence); an
-    adaptive suite only, since a fixed one has no night to learn."""
+    adaptive suite only, since a fixed one has no night to learn. A night has ``evaluate.night_rows``
+    rows, or as many as the corpus has in-distribution rows when that is fewer."""
     if Combination(pool.suite.combination) is not Combination.adaptive:
         return []
     present = set(rows["source"])
     ev = cfg.evaluate
     far_sources = [name for name, is_far in far.items() if is_far and name in present]
-    return list(night_metrics(pool, far_sources, DEMO_ID_SOURCE, ev.night_rows, ev.night_draws, ev.fdr))
+    size = min(ev.night_rows, int((rows["source"] == id_source).sum()))
+    return list(night_metrics(pool, far_sources, id_source, size, ev.night_draws, ev.fdr))
 
 
 def nights_markdown(summary: pd.DataFrame, fdr: float) -> str:
@@ -131,6 +138,22 @@ def nights_markdown(summary: pd.DataFrame, fdr: float) -> str:
             f"| {bh['mean_tpr_at_fpr_0.001']:.2f} | {bh['mean_tpr_at_fpr_0.01']:.2f} |"
         )
     return "\n".join(lines) + f"\n\n(q = {fdr:g}; {int(default['draws'].max())} draws per row)\n"
+
+
+def source_notes(cfg: EvaluateConfig, far: dict[str, bool]) -> list[str]:
+    """What the in-distribution and OOD rows are, when they are the user's own."""
+    ev = cfg.evaluate
+    if ev.id_uri is None:
+        return []
+    notes = [f"In-distribution rows: {ev.id_rows} at most of {ev.id_uri}."]
+    if ev.ood:
+        return notes + ["OOD sources: " + ", ".join(f"{name} ({uri})" for name, uri in ev.ood.items()) + "."]
+    return notes + [
+        "OOD sources: SYNTHETIC, derived from the in-distribution images ("
+        + ", ".join(f"{name}: {'far' if is_far else 'near'}" for name, is_far in far.items())
+        + "), as no OOD examples were given (evaluate.ood); examples of the images you expect give "
+        "numbers closer to your nights."
+    ]
 
 
 def family_ranking(metrics: pd.DataFrame) -> dict[str, float]:

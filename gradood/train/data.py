@@ -43,11 +43,12 @@ from typing import Any
 import numpy as np
 import ray.data
 import torch
+from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from gradood.config import TrainJobConfig
 from gradood.data.holdout import HeldOutSplit, HoldoutRule, Side
-from gradood.data.images import ImageConverter
+from gradood.data.images import ImageConverter, ImageDecodeError, decode_image
 from gradood.data.sources import CorpusSource, Shard, load_rows, open_source
 from gradood.models.base import DensityModel
 from gradood.seeding import row_seed
@@ -101,6 +102,41 @@ def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConv
     )
 
 
+#: the input sizes a model takes when its size comes from the data (every family builds at each)
+PRESET_SIZES = (28, 32, 64)
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def preset_size(side: int) -> int:
+    """The largest preset size not above ``side`` (the smallest preset for smaller images)."""
+    return max([s for s in PRESET_SIZES if s <= side], default=PRESET_SIZES[0])
+
+
+def shape_from_data(cfg: TrainJobConfig, source: CorpusSource) -> dict[str, int]:
+    """``model.params.in_channels`` and ``image_size`` where the config leaves them out, from the first
+    decodable training image: 1 channel for a grey image, else 3; its shorter side snapped to
+    :data:`PRESET_SIZES` (the converter then resizes every image to it, rectangular ones included)."""
+    missing = [key for key in ("in_channels", "image_size") if key not in cfg.model.params]
+    if not missing:
+        return {}
+    for shard in source.shards(64):
+        for row in source.read_shard(shard):
+            if row.error is not None or row.payload is None:
+                continue
+            try:
+                image = decode_image(row.payload) if isinstance(row.payload, bytes) else row.payload
+            except ImageDecodeError:
+                continue
+            if isinstance(image, Image.Image):
+                grey, (width, height) = image.mode in _GREY_MODES, image.size
+            else:
+                array = np.asarray(image)
+                grey, (height, width) = array.ndim == 2 or array.shape[-1] == 1, array.shape[:2]
+            found = {"in_channels": 1 if grey else 3, "image_size": preset_size(min(width, height))}
+            return {key: found[key] for key in missing}
+    raise ValueError(f"no decodable training rows in {source.uri} to take the input shape from")
+
+
 def leading_rows(source: CorpusSource, converter: ImageConverter, limit: int) -> TrainBatch:
     """The first ``limit`` decodable rows in source order, decoded here (on the driver: a few thousand
     rows at most, read once and shipped to every rank, instead of a Ray Data pipeline per rank): the
@@ -134,14 +170,18 @@ class TrainingData:
 
 
 def train_dataset(
-    cfg: TrainJobConfig, model: DensityModel, rows_per_block: int | None = None
+    cfg: TrainJobConfig,
+    model: DensityModel,
+    rows_per_block: int | None = None,
+    sources: tuple[CorpusSource, CorpusSource | None] | None = None,
 ) -> TrainingData:
-    """The training job's data (:class:`TrainingData`).
+    """The training job's data (:class:`TrainingData`), from ``sources`` (:func:`train_sources`, opened
+    here when not given).
 
     Only the source's row count, the init rows and the held-out loss's rows are read here (for a
     torchvision source that loads the dataset on the driver; a folder or Parquet source is only listed).
     """
-    source, held_out = train_sources(cfg)
+    source, held_out = sources or train_sources(cfg)
     num_rows = source.num_rows()
     if num_rows == 0:
         raise ValueError(f"no training rows in {cfg.train.uri} (train.size={cfg.train.size})")

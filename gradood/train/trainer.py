@@ -25,7 +25,7 @@ from gradood.core import storage
 from gradood.core.progress import progress
 from gradood.models import build_model
 from gradood.models.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta, save_checkpoint
-from gradood.train.data import READ_CPUS, data_config, train_dataset
+from gradood.train.data import READ_CPUS, data_config, shape_from_data, train_dataset, train_sources
 from gradood.train.worker import BEST_WEIGHTS_FILE, train_loop_per_worker
 
 
@@ -151,9 +151,16 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
     Rerunning with the same ``train.name`` and ``train.runs_uri`` resumes from the run's latest
     checkpoint and trains only the epochs still missing up to ``train.epochs``.
     """
+    sources = train_sources(cfg)
+    found = shape_from_data(cfg, sources[0])
+    if found:
+        progress(f"input shape from the training data: {found} (model.params sets it otherwise)")
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, params={**cfg.model.params, **found})
+        )
     with torch.random.fork_rng(devices=[]):  # only for its input size (what the reader decodes to)
         model = build_model(cfg.model.name, cfg.model.params)
-    data = train_dataset(cfg, model)
+    data = train_dataset(cfg, model, sources=sources)
     if data.held_out is None:
         progress(
             f"WARNING: no rows of {cfg.train.uri} are held out of training (train.holdout_fraction=0 and "

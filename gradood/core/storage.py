@@ -34,9 +34,35 @@ def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *parts])
 
 
+#: attempts of every S3 request before it fails (the environment variable GRADOOD_S3_MAX_ATTEMPTS sets
+#: it, on every node): throttling (503 SlowDown), timeouts and server errors are retried with the AWS
+#: SDK's exponential backoff and jitter, where pyarrow's default gives up after 3
+S3_MAX_ATTEMPTS = 10
+
+
+def s3_max_attempts() -> int:
+    value = os.environ.get("GRADOOD_S3_MAX_ATTEMPTS", str(S3_MAX_ATTEMPTS))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"GRADOOD_S3_MAX_ATTEMPTS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem and path for a URI; an S3 bucket's with :func:`s3_max_attempts` attempts per
+    request (a URI with a query string keeps pyarrow's options, and their retry default)."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if fs.type_name == "s3" and "?" not in uri:
+        fs = pafs.S3FileSystem(
+            region=fs.region,
+            endpoint_override=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3_max_attempts()),
+        )
+    return fs, path
+
+
 def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location):
-        return pafs.FileSystem.from_uri(location)
+        return from_uri(location)
     return pafs.LocalFileSystem(), absolute(location)
 
 

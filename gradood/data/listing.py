@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from gradood.core.storage import from_uri
+
 HIDDEN_FILE = "hidden file"
 IN_HIDDEN_FOLDER = "inside a hidden folder"
 BROKEN_SYMLINK = "broken symlink"
@@ -34,7 +36,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and path behind ``uri``; bare local paths are made absolute first."""
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
+    return from_uri(uri)
 
 
 @dataclass(frozen=True)

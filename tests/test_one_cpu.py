@@ -37,6 +37,19 @@ def test_cpu_plan_leaves_decoding_a_cpu(monkeypatch, cpus, expected):
     assert plan.workers * plan.worker_cpus + plan.task_cpus <= cpus
 
 
+@pytest.mark.parametrize(
+    ("cpus", "workers", "expected"), [(8.0, 2, (1.0, 1.0)), (2.0, 2, (0.5, 1.0)), (1.0, 1, (0.5, 0.5))]
+)
+def test_training_cpu_plan_leaves_reading_a_share(monkeypatch, cpus, workers, expected):
+    from gradood.config import TrainConfig
+    from gradood.train import trainer
+
+    monkeypatch.setattr(trainer.ray, "cluster_resources", lambda: {"CPU": cpus})
+    plan = trainer.plan_training_cpus(TrainConfig(num_workers=workers))
+    assert (plan.worker, plan.read) == expected
+    assert workers * plan.worker + plan.read <= cpus
+
+
 @pytest.fixture(scope="module")
 def one_cpu_ray():
     stop_shared_ray()
@@ -67,3 +80,21 @@ def test_unschedulable_stage_fails_by_name_and_rerun_completes(one_cpu_ray, work
     assert f"{StallError.__name__}: fit-set features: no progress for 15 s" in job.stderr
     summary = ray_job.run_score_corpus(job_config(workspace, out, "run.stall_timeout_s=240"))
     assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1
+
+
+def test_training_on_one_cpu_finishes(tmp_path):
+    """The training job on a one-CPU Ray: the worker's reservation shrinks so that the Ray Data tasks
+    reading and shuffling the rows get the CPU (with a whole CPU held by the worker, it waited forever)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.run(
+        [
+            sys.executable, str(REPO / "jobs" / "train.py"), "ray.num_cpus=1", "model=glow",
+            "model.params.num_steps=1", "model.params.hidden_channels=8", "train.size=64", "train.epochs=1",
+            "train.batch_size=16", "train.eval_rows=16", "train.init_rows=16",
+            f"model.checkpoint={tmp_path / 'model'}", f"train.runs_uri={tmp_path / 'runs'}",
+        ],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
+    assert "training worker(s) of train.cpus_per_worker=1 and a task reading the rows" in job.stdout
+    assert (tmp_path / "model" / "model.json").is_file()

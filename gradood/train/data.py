@@ -89,8 +89,11 @@ def model_converter(model: DensityModel, cfg: TrainJobConfig) -> ImageConverter:
     return ImageConverter.for_model(model, cfg.image.resize, cfg.image.interpolation)
 
 
-def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConverter) -> ray.data.Dataset:
-    """The decodable rows of ``shards`` in source order, one read task per shard (nothing read yet)."""
+def decoded_rows(
+    source: CorpusSource, shards: list[Shard], converter: ImageConverter, read_cpus: float = READ_CPUS
+) -> ray.data.Dataset:
+    """The decodable rows of ``shards`` in source order, one read task of ``read_cpus`` CPUs per shard
+    (nothing read yet)."""
     ds = ray.data.from_items(shard_items(shards), override_num_blocks=len(shards))
     return ds.map_batches(
         decode_training_rows,
@@ -98,7 +101,7 @@ def decoded_rows(source: CorpusSource, shards: list[Shard], converter: ImageConv
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(),
-        num_cpus=READ_CPUS,
+        num_cpus=read_cpus,
     )
 
 
@@ -174,6 +177,7 @@ def train_dataset(
     model: DensityModel,
     rows_per_block: int | None = None,
     sources: tuple[CorpusSource, CorpusSource | None] | None = None,
+    read_cpus: float = READ_CPUS,
 ) -> TrainingData:
     """The training job's data (:class:`TrainingData`), from ``sources`` (:func:`train_sources`, opened
     here when not given).
@@ -188,7 +192,9 @@ def train_dataset(
     converter = model_converter(model, cfg)
     shards = source.shards(rows_per_block or block_rows(model))
     shuffle_seed = row_seed(cfg.seed, "train", "shuffle") % _SEED_MAX
-    ds = decoded_rows(source, shards, converter).random_shuffle(seed=shuffle_seed)
+    ds = decoded_rows(source, shards, converter, read_cpus).random_shuffle(
+        seed=shuffle_seed, num_cpus=read_cpus
+    )
     ds.context.execution_options.preserve_order = True  # also when iterated outside Ray Train
     origin = {**source.describe(), "blocks": len(shards), "shuffle_seed": shuffle_seed}
     evaluated = None

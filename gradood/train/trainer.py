@@ -9,7 +9,6 @@ they are, and the export is written through :mod:`gradood.core.storage`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -39,28 +38,37 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-logger = logging.getLogger(__name__)
-
-
 def run_storage(location: str) -> str:
     """Ray Train's storage path: a URI (any scheme Ray Train's filesystems take) as it is, a local path
     made absolute (Ray Train requires it)."""
     return location if "://" in location else storage.absolute(location)
 
 
-def check_cpus_for_reading(train: TrainConfig) -> None:
-    """Warn when the workers take every CPU of the cluster: the Ray Data tasks that read the training
-    rows (:data:`~gradood.train.data.READ_CPUS` each) could then only run once the cluster grows."""
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    if cpus - train.num_workers * train.cpus_per_worker < READ_CPUS:
-        logger.warning(
-            "Ray has %s CPUs and the %d training workers take %s each: the Ray Data tasks reading the "
-            "training rows need %s more, so training waits until the cluster has them",
-            cpus,
-            train.num_workers,
-            train.cpus_per_worker,
-            READ_CPUS,
-        )
+@dataclass(frozen=True)
+class TrainingCpus:
+    """CPUs each training worker and each Ray Data task reading the training rows ask Ray for."""
+
+    worker: float
+    read: float
+
+
+def plan_training_cpus(train: TrainConfig) -> TrainingCpus:
+    """``train.cpus_per_worker`` per worker and :data:`~gradood.train.data.READ_CPUS` per read task, or
+    shares of the cluster when it cannot hold every worker and a read task at once, which would leave
+    the run waiting forever (a one-CPU container, a node whose CPUs actors hold): half the CPUs for the
+    workers, half for reading. Reservations are not pinning: the workers still run
+    ``train.cpus_per_worker`` threads."""
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    wanted = TrainingCpus(float(train.cpus_per_worker), READ_CPUS)
+    if train.num_workers * wanted.worker + wanted.read <= cpus:
+        return wanted
+    shares = TrainingCpus(min(wanted.worker, cpus / 2 / train.num_workers), min(wanted.read, cpus / 2))
+    progress(
+        f"{cpus:g} CPUs cannot hold {train.num_workers} training worker(s) of train.cpus_per_worker="
+        f"{train.cpus_per_worker} and a task reading the rows ({READ_CPUS:g} CPU): the workers ask for "
+        f"{shares.worker:g} CPU each and the read tasks for {shares.read:g}, sharing the cores"
+    )
+    return shares
 
 
 def run_name(cfg: TrainJobConfig) -> str:
@@ -68,12 +76,12 @@ def run_name(cfg: TrainJobConfig) -> str:
     return cfg.train.name or PurePosixPath(cfg.model.checkpoint.rstrip("/")).name
 
 
-def scaling_config(train: TrainConfig) -> ScalingConfig:
+def scaling_config(train: TrainConfig, cpus_per_worker: float | None = None) -> ScalingConfig:
     return ScalingConfig(
         num_workers=train.num_workers,
         use_gpu=train.gpus_per_worker > 0,
         resources_per_worker={
-            "CPU": train.cpus_per_worker,
+            "CPU": train.cpus_per_worker if cpus_per_worker is None else cpus_per_worker,
             **({"GPU": train.gpus_per_worker} if train.gpus_per_worker > 0 else {}),
         },
     )
@@ -160,14 +168,14 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
         )
     with torch.random.fork_rng(devices=[]):  # only for its input size (what the reader decodes to)
         model = build_model(cfg.model.name, cfg.model.params)
-    data = train_dataset(cfg, model, sources=sources)
+    cpus = plan_training_cpus(cfg.train)
+    data = train_dataset(cfg, model, sources=sources, read_cpus=cpus.read)
     if data.held_out is None:
         progress(
             f"WARNING: no rows of {cfg.train.uri} are held out of training (train.holdout_fraction=0 and "
             "no rows after train.size): no held-out loss, and the scoring job needs fit.uri set to "
             "in-distribution images the model never saw"
         )
-    check_cpus_for_reading(cfg.train)
     init_ref = ray.put(data.init)  # held here until fit() returns
     held_out_ref = None if data.held_out is None else ray.put(data.held_out)
     trainer = TorchTrainer(
@@ -178,7 +186,7 @@ def train_model(cfg: TrainJobConfig) -> TrainResult:
             "init": init_ref,
             "held_out": held_out_ref,
         },
-        scaling_config=scaling_config(cfg.train),
+        scaling_config=scaling_config(cfg.train, cpus.worker),
         run_config=RunConfig(
             name=run_name(cfg),
             storage_path=run_storage(cfg.train.runs_uri),

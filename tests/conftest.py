@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from tests.pipeline_fixtures import stop_shared_ray
+from tests.pipeline_fixtures import s3_environment, stop_shared_ray
 
 torch.set_num_threads(int(os.environ.get("GRADOOD_TEST_THREADS", "1")))
 
@@ -50,17 +50,7 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
+    env = s3_environment(endpoint)
     stop_shared_ray()  # Ray workers started from here on inherit the environment below
     requests_log = logging.getLogger("werkzeug")  # one line per request otherwise
     level = requests_log.level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,19 @@ def stop_shared_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The variables that point pyarrow, boto3 and Ray's workers at a local S3 server: fixed dummy
+    credentials, no instance metadata, no profile files, so nothing reaches for real AWS."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }

@@ -27,7 +27,7 @@ import pytest
 from gradood.config import ScoreCorpusConfig, load_config
 from gradood.core import storage
 from gradood.pipeline import ray_job
-from tests.pipeline_fixtures import stop_shared_ray, tiny_glow_checkpoint, write_png_folder
+from tests.pipeline_fixtures import s3_environment, stop_shared_ray, tiny_glow_checkpoint, write_png_folder
 
 pytestmark = pytest.mark.slow
 
@@ -116,8 +116,6 @@ class _Forward(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def faulty_s3(tmp_path_factory):
     """moto behind the proxy; the environment points pyarrow, boto3 and Ray's workers at the proxy."""
-    import os
-
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -125,18 +123,7 @@ def faulty_s3(tmp_path_factory):
     proxy = FaultyProxy(server.get_host_and_port())
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ENDPOINT_URL_S3": endpoint,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "GRADOOD_S3_MAX_ATTEMPTS": "6",
-    }
+    env = {**s3_environment(endpoint), "GRADOOD_S3_MAX_ATTEMPTS": "6"}
     stop_shared_ray()  # the Ray started after this fixture inherits the environment
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():

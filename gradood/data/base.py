@@ -7,6 +7,7 @@ error row, never an exception.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,15 @@ class CorpusSource(ABC):
     def read_row(self, row_index: int) -> RawRow:
         """Row ``row_index`` of the full order (as :attr:`RawRow.row_index` counts), read on its own."""
         return next(iter(self.read_shard(Shard(-1, row_index, 1, self._locate(row_index, row_index + 1)))))
+
+    def with_range(self, start: int, limit: int | None = None) -> CorpusSource:
+        """The same source over ``limit`` rows of its order from ``start`` (None: to the end), sharing
+        what it has listed or loaded (which does not depend on the range)."""
+        if start < 0 or (limit is not None and limit < 0):
+            raise ValueError(f"start and limit must be non-negative, got start={start}, limit={limit}")
+        narrowed = copy.copy(self)
+        narrowed.start, narrowed.limit = start, limit
+        return narrowed
 
     def num_rows(self) -> int:
         total = self.total_rows()

@@ -91,14 +91,11 @@ class HeldOutSplit(CorpusSource):
         return int(self._selected().size)
 
     def row_ids(self, first_row: int, end_row: int) -> list[str]:
-        return [row_id for row_id, _ in self._inner_rows(first_row, end_row)]
-
-    def _inner_rows(self, first_row: int, end_row: int) -> list[tuple[str, int]]:
         rows = self._selected()[first_row:end_row]
         if not rows.size:
             return []
         ids = self.inner.row_ids(int(rows[0]), int(rows[-1]) + 1)
-        return [(ids[int(r - rows[0])], int(r)) for r in rows]
+        return [ids[int(r - rows[0])] for r in rows]
 
     def _locate(self, first_row: int, end_row: int) -> tuple:
         """(selected inner rows, inner reads): each read a (first, stop, inner locator) range of inner
@@ -171,4 +168,4 @@ def held_out_rows(
         )
     if after + start >= total:
         raise ValueError(f"fit.start={start} is past the {total - after} rows held out of {uri}")
-    return open_source(uri, start=after + start, limit=limit)
+    return trained.with_range(after + start, limit)

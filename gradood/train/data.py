@@ -81,7 +81,7 @@ def train_sources(cfg: TrainJobConfig) -> tuple[CorpusSource, CorpusSource | Non
         return HeldOutSplit(source, rule, Side.training), HeldOutSplit(source, rule, Side.held_out)
     after = source.num_rows()
     if after < source.total_rows():
-        return source, open_source(cfg.train.uri, start=after)
+        return source, source.with_range(after)
     return source, None
 
 

@@ -229,8 +229,9 @@ class RunConfig:
     incremental: bool = False
     #: thumbnails of the most OOD rows in report.html
     report_top_k: int = 24
-    #: seconds an extraction stage may go without finishing a shard before the run fails, naming the
-    #: stage (a rerun resumes from the finished shards); null or 0: wait forever
+    #: seconds a stage may go without progress (extraction: a finished shard; scoring: a scored block)
+    #: before the run fails, naming the stage (a rerun resumes from the finished shards); null or 0: wait
+    #: forever
     stall_timeout_s: float | None = 1800.0
     #: a run holds a lease on its run id (leases/<id>.json, heartbeat every quarter of this); a second
     #: run of the same id refuses while the holder's heartbeat is younger than this many seconds, and

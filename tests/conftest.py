@@ -6,6 +6,9 @@ import torch
 from tests.pipeline_fixtures import s3_environment, stop_shared_ray
 
 torch.set_num_threads(int(os.environ.get("GRADOOD_TEST_THREADS", "1")))
+# every Ray the tests start is local to this machine; Ray reads the mode once per process, so a module
+# whose multi-node cluster needs it off would leave the next module's Ray unable to start with it on
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +30,7 @@ def local_ray(_shared_ray_session):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=3, include_dashboard=False)
+        ray.init(address="local", num_cpus=3, include_dashboard=False)
     yield
 
 

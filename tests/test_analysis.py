@@ -293,7 +293,7 @@ def test_end_to_end_on_local_ray(tmp_path):
         ]
     )
     stop_shared_ray()
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
     try:
         summary = run_analysis(cfg, "test")
     finally:

@@ -53,7 +53,7 @@ def test_training_cpu_plan_leaves_reading_a_share(monkeypatch, cpus, workers, ex
 @pytest.fixture(scope="module")
 def one_cpu_ray():
     stop_shared_ray()
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -80,6 +80,34 @@ def test_unschedulable_stage_fails_by_name_and_rerun_completes(one_cpu_ray, work
     assert f"{StallError.__name__}: fit-set features: no progress for 15 s" in job.stderr
     summary = ray_job.run_score_corpus(job_config(workspace, out, "run.stall_timeout_s=240"))
     assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["rejected"] == 1
+
+
+def test_unschedulable_scoring_stage_fails_by_name_and_rerun_completes(
+    one_cpu_ray,
+    workspace,  # noqa: F811
+    tmp_path,
+):
+    """The scoring stage is watched too: a pool whose actor can never start (two CPUs asked of a one-CPU
+    cluster) fails naming the stage; the rerun takes over every extracted shard and completes. The
+    stalled night runs in its own process, as the job does, whose exit takes its stalled executor along."""
+    out = str(tmp_path / "out")
+    script = tmp_path / "stalled_scoring.py"
+    script.write_text(
+        "import sys\n"
+        "from gradood.config import ScoreCorpusConfig, load_config\n"
+        "from gradood.pipeline import extract, ray_job, score\n"
+        "score.plan_cpus = lambda *args: extract.CpuPlan(1, 2.0, 0.5)\n"
+        "ray_job.run_score_corpus(load_config(ScoreCorpusConfig, [], sys.argv[1:]))\n"
+    )
+    stalled = job_overrides(workspace, out, "ray.num_cpus=1", "run.stall_timeout_s=20")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    job = subprocess.run(
+        [sys.executable, str(script), *stalled], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert job.returncode != 0
+    assert f"{StallError.__name__}: scoring: no progress for 20 s" in job.stderr
+    summary = ray_job.run_score_corpus(job_config(workspace, out, "run.stall_timeout_s=240"))
+    assert summary["inputs"] == 19 and summary["scored"] == 18 and summary["resumed_shards"] > 0
 
 
 def test_training_on_one_cpu_finishes(tmp_path):

@@ -16,7 +16,10 @@ def init_ray(num_cpus: int | None, min_cpus: float) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False)
+        # address="local": a Ray of its own even where a `ray start` cluster runs on this machine, which a
+        # bare ray.init() would attach to (and then refuse num_cpus)
+        cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(min_cpus))
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -12,6 +12,7 @@ training rows: a night that small is read there, a larger one is sampled by one 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from gradood.pipeline.ranking import (
     merge_stats,
 )
 from gradood.pipeline.scoring import Scorer, TailSampler
+from gradood.pipeline.watchdog import progress_or_fail
 from gradood.stats.adaptive import AdaptiveNight, training_rate
 from gradood.stats.conformal import Combination, prevalence_floor
 from gradood.stats.drift import RankSumDrift
@@ -131,8 +133,10 @@ def score_run(
         kwargs = {"detector": detector, "test": test, "group_size": cfg.extract.group_size, "night": night}
         ds = _on_actors(files, Scorer, kwargs, cfg)
         # materialised first, so the sort knows its input blocks (one per feature file, roughly) and
-        # cuts as many partitions, rather than Ray's default of 200 whatever the size
-        ds = ds.materialize()
+        # cuts as many partitions, rather than Ray's default of 200 whatever the size; block by block,
+        # so that a pool that never starts fails by name instead of hanging the night
+        scored = progress_or_fail(_bundles_of(ds), cfg.run.stall_timeout_s, "scoring")
+        ds = ray.data.from_arrow_refs([ref for bundle in scored for ref in bundle.block_refs])
         blocks = ds.sort(SORT_KEYS, descending=SORT_DESCENDING).materialize().to_arrow_refs()
     drift_ref = ray.put(drift)
     parts = ray.get([_block_stats.remote(block, n_calibration, drift_ref) for block in blocks])
@@ -218,6 +222,12 @@ def _on_actors(
         fn_constructor_kwargs=kwargs,
         num_cpus=cpu.worker_cpus,
     )
+
+
+def _bundles_of(ds: ray.data.Dataset) -> Iterator[Any]:
+    """The dataset's output blocks as they finish. A generator, so that the executor starts (and waits
+    for its actor pool, without a timeout of its own) on the watchdog's thread, not the caller's."""
+    yield from ds.iter_internal_ref_bundles()
 
 
 def _read_feature_files(batch: dict[str, np.ndarray]) -> pa.Table:

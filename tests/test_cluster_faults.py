@@ -7,6 +7,9 @@ Ray cannot recover, the night must fail unpublished and the rerun of the same ru
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from tests.pipeline_fixtures import stop_shared_ray, tiny_glow_checkpoint, write
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[1]
 WORKER_NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 INPUTS = 200
 
@@ -53,9 +57,9 @@ def workspace(tmp_path_factory):
     }
 
 
-def night_config(ws: dict[str, Path], out: Path) -> ScoreCorpusConfig:
+def night_overrides(ws: dict[str, Path], out: Path) -> list[str]:
     """Small shards, so that a stage is still running when a node goes."""
-    overrides = [
+    return [
         f"model.checkpoint={ws['checkpoint']}",
         f"corpus.uri={ws['corpus']}",
         f"output.uri={out}",
@@ -68,7 +72,10 @@ def night_config(ws: dict[str, Path], out: Path) -> ScoreCorpusConfig:
         "run.id=night",
         "run.stall_timeout_s=180",
     ]
-    return load_config(ScoreCorpusConfig, [], overrides)
+
+
+def night_config(ws: dict[str, Path], out: Path) -> ScoreCorpusConfig:
+    return load_config(ScoreCorpusConfig, [], night_overrides(ws, out))
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +164,8 @@ def assert_same_night(summary: dict[str, Any], undisturbed: dict[str, float]) ->
 
 
 def replace_node(cluster: Cluster, victim: Any) -> None:
-    """Kill a worker node at once, and let a new one join, as an autoscaler replaces a preempted node.
-    Without the replacement, a cluster left with fewer CPUs than the stage was planned for can leave the
-    restarted model worker holding the CPU its decode tasks wait for: the stage then fails after
-    ``run.stall_timeout_s`` and the rerun plans for the smaller cluster (docs/reliability.md)."""
+    """Kill a worker node at once, and let a new one join, as an autoscaler replaces a preempted node
+    (a node lost for good is the last test's)."""
     cluster.remove_node(victim, allow_graceful=False)
     cluster.add_node(**WORKER_NODE)
 
@@ -208,3 +213,43 @@ def test_losing_a_node_during_scoring(cluster, workspace, undisturbed, tmp_path)
     replace_node(cluster, victim)
     summary, _ = finish_or_resume(night, cfg, tmp_path)
     assert_same_night(summary, undisturbed)
+
+
+def test_a_lost_node_not_replaced_fails_by_name_or_finishes_and_the_rerun_completes(
+    cluster, workspace, undisturbed, tmp_path
+):
+    """A node lost for good leaves fewer CPUs than the stage was planned for. The night either finishes
+    or stalls and fails naming the stage after run.stall_timeout_s; then it is unpublished and the rerun,
+    planned for the smaller cluster, resumes from the finished shards. The night runs as the job does,
+    in its own process attached to the cluster, whose exit takes a stalled executor along."""
+    out = tmp_path / "out"
+    features = out / "runs" / "night" / "features"
+    cfg = night_config(workspace, out)
+    overrides = night_overrides(workspace, out)
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(REPO)}
+    job = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "score_corpus.py"), *overrides, "run.stall_timeout_s=30"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while shards_in(features) < 5:
+        assert job.poll() is None and time.monotonic() < deadline, "no corpus shards before the loss"
+        time.sleep(0.02)
+    victim = None
+    while victim is None and job.poll() is None:
+        victim = node_of_actor(cluster, "ShardFeatureWriter")
+    assert victim is not None, "the night ended before the loss"
+    cluster.remove_node(victim, allow_graceful=False)
+    _, stderr = job.communicate(timeout=400)
+    try:
+        if job.returncode != 0:
+            assert "StallError: corpus features: no progress for 30 s" in stderr, stderr[-3000:]
+            assert not (out / "runs" / "night" / "_SUCCESS").exists(), "a failed night was published"
+            summary = ray_job.run_score_corpus(cfg)
+            assert summary["resumed_shards"] >= 5
+        else:
+            summary = storage.read_json(str(out / "runs" / "night" / "summary.json"))
+        assert_same_night(summary, undisturbed)
+    finally:
+        cluster.add_node(**WORKER_NODE)
+        cluster.wait_for_nodes()

@@ -100,7 +100,8 @@ def main() -> None:
         extra = storage.read_parquet(args.extra_id)
         pool.append(suite.tails(feature_matrix(extra, detector["layers"], cfg.fit.min_sqnorm)))
     held = np.vstack(pool)
-    print(f"held-out pool: {len(held)} in-distribution rows; part 1: {len(suite.calibration_tails_.part_1)}")
+    part_1 = suite.calibration_tails_.part_1
+    print(f"held-out pool: {len(held)} in-distribution rows; part 1: {len(part_1)}")
 
     results = []
     for n_cal in args.calibration_rows:
@@ -113,7 +114,6 @@ def main() -> None:
                     night_id, cal, ood = draw_night(rng, len(held), n_cal, ood_rows, args.night_rows, share)
                     night = np.vstack([held[night_id], tails[ood]])
                     is_ood = np.r_[np.zeros(len(night_id), bool), np.ones(len(ood), bool)]
-                    part_1 = suite.calibration_tails_.part_1
                     for rule, stat in statistics(suite, part_1, held[cal], night, cfg.seed).items():
                         score = stat(night)
                         p_index = ConformalCalibrator(stat(held[cal])).p_index(score)

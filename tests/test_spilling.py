@@ -124,7 +124,8 @@ def test_a_night_several_times_the_object_store_is_spilled_and_scored_whole(smal
     small = ray_job.run_score_corpus(cfg)
     detector = storage.read_json(str(tmp_path / "small" / "detector.json"))
     features = storage.read_parquet(storage.join(small["output"], "features"))
-    expected = {r["id"]: (r["ood_score"], r["p_value"]) for r in _scores(small["output"]).to_pylist()}
+    small_scores = storage.read_parquet(storage.join(small["output"], "scores")).to_pylist()
+    expected = {r["id"]: (r["ood_score"], r["p_value"]) for r in small_scores}
 
     # the big night: copies of the small night's feature rows under new ids, in files of a shard's size
     n = features.num_rows
@@ -165,10 +166,6 @@ def test_a_night_several_times_the_object_store_is_spilled_and_scored_whole(smal
     )
     assert driver_growth < DRIVER_GROWTH_BOUND
     assert worker_peak < WORKER_PEAK_BOUND
-
-
-def _scores(run_uri: str) -> pa.Table:
-    return storage.read_parquet(storage.join(run_uri, "scores"))
 
 
 def _copy(features: pa.Table, k: int) -> pa.Table:

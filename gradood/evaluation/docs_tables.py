@@ -247,12 +247,42 @@ def scale_checks(result: dict) -> str:
     return markdown(["target", "measured", "threshold", "met"], rows)
 
 
+#: the low-prevalence benchmark's runs in the candidates table, file -> what part 1 and part 2 are
+LOW_PREVALENCE_RUNS = {
+    "low_prevalence_selection_grid_pool": "grid pool",
+    "low_prevalence_selection_mixed": "both splits",
+}
+LOW_PREVALENCE_STATISTICS = ("default", "complexity", "classifier", "classifier_crossfit", "selected")
+
+
+def low_prevalence_candidates(results: dict[str, dict]) -> str:
+    """Mean BH power per night statistic on the VAE's 1 % and 5 % nights, and the statistic the
+    ``selected`` rule took on each draw."""
+    header = ["pool (part 1 / part 2 rows)", "OOD source", "share", *LOW_PREVALENCE_STATISTICS]
+    header.append("selected took")
+    rows = []
+    for name, label in LOW_PREVALENCE_RUNS.items():
+        result = results[name]
+        by_night: dict[tuple, dict] = {}
+        for r in result["results"]:
+            by_night.setdefault((r["calibration_rows"], r["source"], r["share"]), {})[r["statistic"]] = r
+        for (n_cal, source, share), stats in by_night.items():
+            took = ", ".join(f"{k} {v}" for k, v in sorted(stats["selected"]["selected_tails"].items()))
+            rows.append([f"{label} ({result['part_1_rows']:,} / {n_cal:,})", source, f"{100 * share:g} %",
+                         *(f"{stats[s]['power']:.2f}" for s in LOW_PREVALENCE_STATISTICS), took])  # fmt: skip
+    return markdown(header, rows, left=2)
+
+
 def _met(check: dict) -> str:
     return "yes" if check["met"] else "**no**"
 
 
 def _json(name: str) -> Callable[[Path, Path], object]:
     return lambda grid, bench: json.loads((bench / f"{name}.json").read_text())
+
+
+def _low_prevalence(grid: Path, bench: Path) -> dict[str, dict]:
+    return {name: json.loads((bench / f"{name}.json").read_text()) for name in LOW_PREVALENCE_RUNS}
 
 
 def _parquet(name: str) -> Callable[[Path, Path], object]:
@@ -270,6 +300,7 @@ TABLES: dict[str, tuple[Callable[[Path, Path], object], Callable]] = {
     "pipeline-throughput": (_json("pipeline_throughput_cpu"), pipeline_throughput),
     "scale-throughput": (_json("scale_throughput_cpu"), scale_throughput),
     "scale-checks": (_json("scale_throughput_cpu"), scale_checks),
+    "low-prevalence-candidates": (_low_prevalence, low_prevalence_candidates),
 }
 
 

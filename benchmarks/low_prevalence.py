@@ -17,9 +17,10 @@ calibrated on that night's part 2:
 - ``classifier_crossfit``: the same classifier cross-fitted over 5 folds of the union (a row's fold from
   a hash of its tails, so part 2 and the night are treated alike): every union row is scored by a model
   that did not train on it, so in-sample noise does not inflate part 2's top scores;
-- ``selected``: one single tail when the union holds more rows beyond part 1's top 1, 2 or 5 rows in it
-  than exchangeable rows would (:func:`union_excess_log_p` below ``log 0.05``), else the default; the
-  statistic chosen on each night is written as ``selected_tails``.
+- ``selected``: the single tail whose union excess beyond part 1's top 1, 2 or 5 rows is least probable
+  for exchangeable rows (:func:`union_excess_log_p`), when that probability is below 0.05 (no correction
+  over the tails: a rule, not a test), else the default; the statistic chosen on each night is written
+  as ``selected_tails``.
 
 Every one is a function of part 1 and of the unordered union of part 2 and the night only, so its
 conformal p-values against part 2 stay valid.
@@ -100,18 +101,18 @@ def crossfit(part_1: np.ndarray, union: np.ndarray, seed: int, folds: int = 5, l
     train on its fold (a hash of its tails)."""
 
     def fold_of(tails: np.ndarray) -> np.ndarray:
-        return np.array([zlib.crc32(row.tobytes()) % folds for row in tails], int)
+        rows = np.ascontiguousarray(tails, np.float64)
+        return np.array([zlib.crc32(row.tobytes()) % folds for row in rows], int)
 
-    fold = fold_of(union)
+    union_fold = fold_of(union)
     models = []
     for k in range(folds):
-        train = union[fold != k]
+        train = union[union_fold != k]
         y = np.r_[np.zeros(len(part_1), int), np.ones(len(train), int)]
         model = AdaptiveCombination(min_samples_leaf=leaf, random_state=seed)
         models.append(model.fit(np.vstack([part_1, train]), y))
 
     def statistic(tails: np.ndarray) -> np.ndarray:
-        tails = np.ascontiguousarray(tails)
         fold, out = fold_of(tails), np.empty(len(tails))
         for k, model in enumerate(models):
             out[fold == k] = model.decision_function(tails[fold == k])

@@ -252,7 +252,9 @@ LOW_PREVALENCE_RUNS = {
     "low_prevalence_selection_grid_pool": "grid pool",
     "low_prevalence_selection_mixed": "both splits",
 }
-LOW_PREVALENCE_STATISTICS = ("default", "complexity", "classifier", "classifier_crossfit", "selected")
+LOW_PREVALENCE_STATISTICS = (
+    "default", "complexity", "classifier", "classifier_leaf10", "classifier_crossfit", "selected",
+)  # fmt: skip
 
 
 def low_prevalence_candidates(results: dict[str, dict]) -> str:

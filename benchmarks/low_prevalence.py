@@ -77,9 +77,14 @@ SELECTION_LOG_P = float(np.log(0.05))
 EXCESS_DEPTHS = (1, 2, 5)
 
 
+def reference_against(reference: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A classifier's training set: the reference rows (part 1, y=0) above ``rows`` (y=1)."""
+    return np.vstack([reference, rows]), np.r_[np.zeros(len(reference), int), np.ones(len(rows), int)]
+
+
 def logistic(reference: np.ndarray, union: np.ndarray):
     """Logistic regression of part 1 (0) against the union (1), classes weighed equally."""
-    x, y = np.vstack([reference, union]), np.r_[np.zeros(len(reference), int), np.ones(len(union), int)]
+    x, y = reference_against(reference, union)
     model = LogisticRegression(max_iter=2000).fit(x, y, sample_weight=(0.5 * len(y) / np.bincount(y))[y])
     return model.decision_function
 
@@ -107,10 +112,8 @@ def crossfit(part_1: np.ndarray, union: np.ndarray, seed: int, folds: int = 5, l
     union_fold = fold_of(union)
     models = []
     for k in range(folds):
-        train = union[union_fold != k]
-        y = np.r_[np.zeros(len(part_1), int), np.ones(len(train), int)]
         model = AdaptiveCombination(min_samples_leaf=leaf, random_state=seed)
-        models.append(model.fit(np.vstack([part_1, train]), y))
+        models.append(model.fit(*reference_against(part_1, union[union_fold != k])))
 
     def statistic(tails: np.ndarray) -> np.ndarray:
         fold, out = fold_of(tails), np.empty(len(tails))
@@ -123,14 +126,13 @@ def crossfit(part_1: np.ndarray, union: np.ndarray, seed: int, folds: int = 5, l
 
 def statistics(suite, part_1: np.ndarray, cal: np.ndarray, night: np.ndarray, seed: int) -> tuple[dict, str]:
     """Every candidate statistic, as a function of tails, learned from part 1 and the unordered union,
-    and the name of the statistic ``selected`` took."""
+    and the name of the one ``selected`` takes on this night."""
     columns = [np.asarray(suite.tail_columns(c)) for c in suite.components]
     ids = [str(i) for i in range(len(cal))]
     calibration = CalibrationTails(suite.tail_order, part_1, cal, ids)
     default = AdaptiveNight(calibration, columns).fit(night, 1.0, seed)
     union = np.vstack([cal, night])
-    y = np.r_[np.zeros(len(part_1), int), np.ones(len(union), int)]
-    x = np.vstack([part_1, union])
+    x, y = reference_against(part_1, union)
     boosted = AdaptiveCombination(random_state=seed).fit(x, y)
     small_leaves = AdaptiveCombination(min_samples_leaf=10, random_state=seed).fit(x, y)
     linear = logistic(part_1, union)
@@ -154,7 +156,6 @@ def statistics(suite, part_1: np.ndarray, cal: np.ndarray, night: np.ndarray, se
     excess = np.array([union_excess_log_p(part_1[:, k], union[:, k]) for k in range(len(suite.tail_order))])
     best = int(np.argmin(excess))
     chosen = suite.tail_order[best] if excess[best] <= SELECTION_LOG_P else "default"
-    out["selected"] = out[chosen]
     return out, chosen
 
 
@@ -195,17 +196,21 @@ def main() -> None:
                 for draw in range(args.draws):
                     rng = night_rng(cfg.seed, name, share, draw)
                     night_id, cal, ood = draw_night(rng, len(held), n_cal, ood_rows, args.night_rows, share)
-                    night = np.vstack([held[night_id], tails[ood]])
+                    night, cal_tails = np.vstack([held[night_id], tails[ood]]), held[cal]
                     is_ood = np.r_[np.zeros(len(night_id), bool), np.ones(len(ood), bool)]
-                    candidates, choice = statistics(suite, part_1, held[cal], night, cfg.seed)
+                    candidates, choice = statistics(suite, part_1, cal_tails, night, cfg.seed)
                     chosen[choice] += 1
+                    this_night = {}
                     for rule, stat in candidates.items():
                         score = stat(night)
-                        p_index = ConformalCalibrator(stat(held[cal])).p_index(score)
+                        p_index = ConformalCalibrator(stat(cal_tails)).p_index(score)
                         flags = fdr_flags(q_values_from_index(p_index, n_cal), FDR)
                         fdp = flags[~is_ood].sum() / flags.sum() if flags.any() else 0.0
                         tpr = tpr_at_fpr(score[~is_ood], score[is_ood], 0.001)
-                        per_draw.setdefault(rule, []).append((flags[is_ood].mean(), fdp, tpr))
+                        this_night[rule] = (flags[is_ood].mean(), fdp, tpr)
+                    this_night["selected"] = this_night[choice]
+                    for rule, values in this_night.items():
+                        per_draw.setdefault(rule, []).append(values)
                 for rule, values in per_draw.items():
                     power, fdp, tpr = np.mean(values, axis=0)
                     results.append(

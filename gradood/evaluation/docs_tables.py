@@ -284,7 +284,7 @@ def _json(name: str) -> Callable[[Path, Path], object]:
 
 
 def _low_prevalence(grid: Path, bench: Path) -> dict[str, dict]:
-    return {name: json.loads((bench / f"{name}.json").read_text()) for name in LOW_PREVALENCE_RUNS}
+    return {name: _json(name)(grid, bench) for name in LOW_PREVALENCE_RUNS}
 
 
 def _parquet(name: str) -> Callable[[Path, Path], object]:
